@@ -1,0 +1,11 @@
+"""MoHD ops. Each folder holds one op: `naive.py` (the pure-torch reference, the ground truth)
+and `op.py` (its `torch.library.custom_op` registration, with a fake and a backward).
+
+Importing this package registers `torch.ops.mohdify.route`, `.read` and `.write`.
+"""
+
+from .read import read, read_naive
+from .route import route, route_naive
+from .write import write, write_naive
+
+__all__ = ["route", "read", "write", "route_naive", "read_naive", "write_naive"]

@@ -1,0 +1,36 @@
+"""`mohdify::read`: the MoHD reader as a custom op with a registered backward."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .naive import read_backward_naive, read_naive
+
+
+@torch.library.custom_op("mohdify::read", mutates_args=())
+def read(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, alpha: Optional[Tensor]) -> Tensor:
+    """See `read_naive`: `[T, D]` -> `[T, O]`."""
+    return read_naive(x, weight, bias, mask, alpha)
+
+
+@read.register_fake
+def _read_fake(x, weight, bias, mask, alpha):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, mask, alpha = inputs
+    ctx.has_bias = bias is not None
+    ctx.has_alpha = alpha is not None
+    ctx.save_for_backward(x, weight, mask, alpha if alpha is not None else x.new_empty(0))
+
+
+def _backward(ctx, grad):
+    x, weight, mask, alpha = ctx.saved_tensors
+    grads = read_backward_naive(grad, x, weight, ctx.has_bias, mask, alpha if ctx.has_alpha else None)
+    grad_x, grad_w, grad_b, grad_alpha = grads
+    return grad_x, grad_w, grad_b, None, grad_alpha
+
+
+read.register_autograd(_backward, setup_context=_setup_context)

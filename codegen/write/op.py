@@ -1,0 +1,37 @@
+"""`mohdify::write`: the MoHD writer as a custom op with a registered backward."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .naive import write_backward_naive, write_naive
+
+
+@torch.library.custom_op("mohdify::write", mutates_args=())
+def write(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor]) -> Tensor:
+    """See `write_naive`: `[T, I]` -> `[T, D]`."""
+    return write_naive(u, weight, bias, gates, fusion)
+
+
+@write.register_fake
+def _write_fake(u, weight, bias, gates, fusion):
+    return u.new_empty(u.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    u, weight, bias, gates, fusion = inputs
+    ctx.has_bias = bias is not None
+    ctx.has_fusion = fusion is not None
+    empty = u.new_empty(0)
+    ctx.save_for_backward(u, weight, bias if bias is not None else empty, gates,
+                          fusion if fusion is not None else empty)
+
+
+def _backward(ctx, grad):
+    u, weight, bias, gates, fusion = ctx.saved_tensors
+    return write_backward_naive(grad, u, weight, bias if ctx.has_bias else None, gates,
+                                fusion if ctx.has_fusion else None)
+
+
+write.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,20 @@
+"""mohdify: Mixture of Hidden Dimensions (MoHD) for existing PyTorch Transformers.
+
+    plan = mohdify.explain(model, example_inputs)             # what would be rewritten, and why
+    model = mohdify.mohdify(model, MoHDConfig(...), example_inputs=example_inputs)
+    loss = task_loss + mohdify.aux_loss(model)
+    fast = torch.compile(model, backend="mohd")
+    dense = mohdify.demohdify(model)
+"""
+
+from .api import aux_loss, branches, demohdify, explain, graph, mohdify
+from .config import MoHDConfig
+from .errors import CaptureError, ConfigError, InputError, MohdifyError, UnsupportedModelError
+from .plan import Branch, Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoHDConfig", "Plan", "Branch", "explain", "mohdify", "demohdify", "aux_loss", "graph", "branches",
+    "MohdifyError", "ConfigError", "InputError", "CaptureError", "UnsupportedModelError",
+]

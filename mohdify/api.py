@@ -1,0 +1,179 @@
+"""Public entry points: explain, mohdify, demohdify, aux_loss, graph."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx, nn
+
+from mohdify.passes import apply_plan, find_plan, is_mohdified, mohd_branches, remove_mohd
+from mohdify.passes.capture import normalize_inputs
+
+from .config import MoHDConfig
+from .errors import ConfigError, UnsupportedModelError
+from .plan import Plan
+
+__all__ = ["explain", "mohdify", "demohdify", "aux_loss", "graph", "branches"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _check_model(model: Any, what: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what} expects a torch.nn.Module, got {type(model).__name__}.")
+
+
+def _check_config(config: Any) -> MoHDConfig:
+    if config is None:
+        return MoHDConfig()
+    if not isinstance(config, MoHDConfig):
+        raise ConfigError(f"config must be a mohdify.MoHDConfig, got {type(config).__name__}: {config!r}.")
+    return config
+
+
+def explain(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig] = None, *,
+            filter_fn: Optional[FilterFn] = None) -> Plan:
+    """Capture and analyse `model` without changing it; return the Plan `mohdify` would apply.
+
+    Args:
+        model: any nn.Module Transformer (HF models included).
+        example_inputs: a tuple of positional arguments or a dict of keyword arguments.
+        config: the MoHDConfig to count activated parameters for (default MoHDConfig()).
+        filter_fn: `filter_fn(module, qualified_name) -> bool`, limits which layers are rewritten.
+
+    Returns:
+        A Plan; `print(plan)` shows the table of branches, readers, writers and counts.
+
+    Example::
+
+        plan = mohdify.explain(model, {"input_ids": ids})
+        print(plan)
+    """
+    _check_model(model, "explain")
+    config = _check_config(config)
+    if is_mohdified(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is already mohdified ({len(mohd_branches(model))} MoHD branches); "
+            "explain() analyses dense models. Call mohdify.demohdify(model) first.")
+    return find_plan(model, example_inputs, config, filter_fn)
+
+
+def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_inputs: Any,
+            filter_fn: Optional[FilterFn] = None) -> nn.Module:
+    """Rewrite the residual branches of `model` into MoHD branches, in place.
+
+    The model keeps its class (an HF model keeps `generate` and `save_pretrained`); readers and
+    writers keep their original weight and bias Parameters. On any error the model is left
+    exactly as it was.
+
+    Args:
+        model: the dense model.
+        config: a MoHDConfig (default MoHDConfig()).
+        example_inputs: a tuple of positional arguments or a dict of keyword arguments.
+        filter_fn: `filter_fn(module, qualified_name) -> bool`; a branch is rewritten if its
+            writer and at least one reader pass (readers that fail stay dense).
+
+    Returns:
+        `model` itself.
+
+    Example::
+
+        model = mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=16, num_shared=4, top_k=4),
+                                example_inputs={"input_ids": ids})
+    """
+    _check_model(model, "mohdify")
+    config = _check_config(config)
+    plan = explain(model, example_inputs, config, filter_fn=filter_fn)
+    if not plan.branches:
+        reasons = "\n".join(f"  {n}: {w}" for n, w in plan.skipped) or "  (no linear layers)"
+        raise UnsupportedModelError(
+            f"mohdify found no residual branch to rewrite in {type(model).__name__}; each layer was left "
+            f"dense for this reason:\n{reasons}")
+    config.check_hidden_size(plan.hidden_size)
+    apply_plan(model, plan, config)
+    model.mohd_plan = plan
+    return model
+
+
+def demohdify(model: nn.Module) -> nn.Module:
+    """Undo `mohdify`: put the original layers back and drop routers and fusion matrices.
+
+    The original weights come back bit for bit (they are the same Parameters, trained or not).
+    """
+    _check_model(model, "demohdify")
+    if not is_mohdified(model):
+        raise UnsupportedModelError(f"{type(model).__name__} is not mohdified: there is nothing to undo.")
+    remove_mohd(model)
+    if "mohd_plan" in model.__dict__:
+        del model.__dict__["mohd_plan"]
+    return model
+
+
+def branches(model: nn.Module):
+    """The MoHDBranch modules of a mohdified model."""
+    return mohd_branches(model)
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """The load-balancing loss of the last forward pass, summed over branches, times aux_loss_coef.
+
+    Per branch: N_r * sum_i f_i P_i (f_i: share of tokens routed to group i, P_i: mean router
+    probability of i). Branches with the magnitude router contribute 0.
+    """
+    _check_model(model, "aux_loss")
+    found = mohd_branches(model)
+    if not found:
+        raise UnsupportedModelError(f"aux_loss: {type(model).__name__} is not mohdified.")
+    learned = [b for b in found if b.router is not None]
+    if not learned:
+        return torch.zeros((), device=found[0].shared_idx.device)
+    missing = [b.name for b in learned if b.last_aux_loss is None]
+    if missing:
+        raise RuntimeError(f"aux_loss: no forward pass has run through branches {missing[:3]} yet; "
+                           "call the model first.")
+    return sum(b.config.aux_loss_coef * b.last_aux_loss for b in learned)
+
+
+def _reset_state(model: nn.Module) -> None:
+    for b in mohd_branches(model):
+        b.gates = None
+        b.last_aux_loss = None
+
+
+def graph(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
+    """A captured (torch.export, non-strict) graph of a mohdified model, printable and callable.
+
+    MoHD ops appear as nodes named after their layer: `mohd_route__<layer>`,
+    `mohd_read__<reader>` and `mohd_write__<writer>`.
+    """
+    _check_model(model, "graph")
+    if not is_mohdified(model):
+        raise UnsupportedModelError(f"graph() shows the MoHD ops of a mohdified model; {type(model).__name__} "
+                                    "is not mohdified. Use mohdify.explain() on a dense model.")
+    args, kwargs = normalize_inputs(model, example_inputs)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Routing state (branch.gates) is plain attribute state by design; see mohdify.modules.
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+            program = torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        _reset_state(model)
+    gm = program.module()
+    _name_mohd_nodes(gm)
+    return gm
+
+
+_OP_NAMES = {"mohdify.route.default": "route", "mohdify.read.default": "read", "mohdify.write.default": "write"}
+
+
+def _name_mohd_nodes(gm: fx.GraphModule) -> None:
+    from mohdify.passes.analyze import innermost_module
+    for node in gm.graph.nodes:
+        kind = _OP_NAMES.get(str(node.target))
+        if node.op != "call_function" or kind is None:
+            continue
+        fqn, _ = innermost_module(node)
+        node._rename(f"mohd_{kind}__{fqn.replace('.', '_')}" if fqn else f"mohd_{kind}")
+    gm.recompile()
