@@ -37,6 +37,10 @@ LINEAR_TARGETS = {
     torch.matmul: (0, 1), operator.matmul: (0, 1),
 }  # target -> (index of the input arg, index of the weight arg)
 ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd, torch.add}
+# Ops that return their input unchanged in value (casts to the same dtype, aliases, copies).
+ALIAS_TARGETS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
+                 aten.clone.default, aten.contiguous.default, aten.detach.default}
+ALIAS_METHODS = {"to", "type", "contiguous", "clone", "detach", "float", "type_as"}
 
 
 @dataclass
@@ -78,6 +82,20 @@ def innermost_module(node: fx.Node, prefix: str = "") -> tuple[str, str]:
     cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
     name = module_path(path)
     return (f"{prefix}.{name}" if prefix and name else prefix or name), cls_name
+
+
+def canonical(node: fx.Node) -> fx.Node:
+    """The node whose value `node` merely passes on (through same-shape casts, aliases, copies)."""
+    while True:
+        is_alias = (node.op == "call_function" and node.target in ALIAS_TARGETS) or \
+            (node.op == "call_method" and node.target in ALIAS_METHODS)
+        src = node.args[0] if node.args else None
+        if not is_alias or not isinstance(src, fx.Node):
+            return node
+        a, b = node_value(node), node_value(src)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return node
+        node = src
 
 
 def _numel(node: fx.Node) -> Optional[int]:
@@ -195,14 +213,14 @@ def analyze_graph(graph: fx.Graph, resolve: Callable[[fx.Node], Optional[LinearR
 
 def _orphan_branches(view: _Graph, analysis: GraphAnalysis, prefix: str) -> None:
     """Report residual adds on the stream whose branch has no linear writer (e.g. MoE blocks)."""
-    stream = {b.stream for b in analysis.branches} | {b.add for b in analysis.branches}
+    stream = {canonical(b.stream) for b in analysis.branches} | {b.add for b in analysis.branches}
     adds = {b.add for b in analysis.branches}
     for n in view.order:
         if n in adds or n.op != "call_function" or n.target not in ADD_TARGETS or len(n.all_input_nodes) != 2:
             continue
         a, b = n.all_input_nodes
         for h, other in ((a, b), (b, a)):
-            if h in stream and other not in stream and _last_dim(n) == analysis.hidden_size \
+            if canonical(h) in stream and canonical(other) not in stream and _last_dim(n) == analysis.hidden_size \
                     and _numel(n) == _numel(h) and h in view.ancestors(other):
                 fqn, cls = innermost_module(other, prefix)
                 owner = _branch_module(view, other, h, prefix) or fqn or other.name

@@ -1,0 +1,47 @@
+"""Shared test settings: hypothesis profiles, the tolerance table, and CPU Triton.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
+before test modules import mohdify.codegen. Tests run kernels under the interpreter on CPU.
+"""
+
+import os
+import sys
+
+if not os.environ.get("MOHDIFY_TEST_CUDA"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))   # tests/zoo.py and helpers import as top-level modules
+
+settings.register_profile("ci", deadline=None, max_examples=8, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("dev", deadline=None, max_examples=30, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# One tolerance table: (atol, rtol) relative to the output scale; fp32 tight. Low-precision
+# dtypes are compared against plain torch's own error at that dtype (see assert_close_to).
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, dtype=None) -> None:
+    """Max abs error <= atol * max(1, |expected|.max()): the spec's 'relative to the output scale'."""
+    dtype = dtype or expected.dtype
+    atol, _ = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual.float() - expected.float()).abs().max().item() if expected.numel() else 0.0
+    assert err <= atol * scale, (f"{what}: shape {tuple(expected.shape)} {dtype}: max abs error {err:.3e} > "
+                                 f"{atol:.0e} x output scale {scale:.3e}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
