@@ -153,27 +153,46 @@ def graph(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
         raise UnsupportedModelError(f"graph() shows the MoHD ops of a mohdified model; {type(model).__name__} "
                                     "is not mohdified. Use mohdify.explain() on a dense model.")
     args, kwargs = normalize_inputs(model, example_inputs)
+    user_keys = set(example_inputs) if isinstance(example_inputs, dict) else set()
+    fixed = {k: v for k, v in kwargs.items() if k not in user_keys}   # e.g. use_cache=False
+    kwargs = {k: v for k, v in kwargs.items() if k in user_keys}
     try:
         with torch.no_grad(), warnings.catch_warnings():
             # Routing state (branch.gates) is plain attribute state by design; see mohdify.modules.
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
-            program = torch.export.export(model, args, kwargs, strict=False)
+            program = torch.export.export(_Bound(model, fixed), args, kwargs, strict=False)
     finally:
         _reset_state(model)
     gm = program.module()
-    _name_mohd_nodes(gm)
+    _name_mohd_nodes(gm, prefix=_Bound.PREFIX)
     return gm
+
+
+class _Bound(nn.Module):
+    """The model with capture-only keyword arguments (use_cache=False) bound, so the graph takes
+    exactly the user's example_inputs."""
+
+    PREFIX = "model"
+
+    def __init__(self, model: nn.Module, fixed: dict):
+        super().__init__()
+        self.model = model
+        self.fixed = fixed
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs, **self.fixed)
 
 
 _OP_NAMES = {"mohdify.route.default": "route", "mohdify.read.default": "read", "mohdify.write.default": "write"}
 
 
-def _name_mohd_nodes(gm: fx.GraphModule) -> None:
+def _name_mohd_nodes(gm: fx.GraphModule, prefix: str) -> None:
     from mohdify.passes.analyze import innermost_module
     for node in gm.graph.nodes:
         kind = _OP_NAMES.get(str(node.target))
         if node.op != "call_function" or kind is None:
             continue
         fqn, _ = innermost_module(node)
+        fqn = fqn[len(prefix) + 1:] if fqn.startswith(prefix + ".") else fqn
         node._rename(f"mohd_{kind}__{fqn.replace('.', '_')}" if fqn else f"mohd_{kind}")
     gm.recompile()

@@ -1,0 +1,116 @@
+"""Public API: the plan's counts, filter_fn, graph(), and the state a rewrite leaves."""
+
+import pytest
+import torch
+
+import mohdify
+from mohdify.modules import MoHDBranch, MoHDReader, MoHDWriter
+from zoo import ZOO
+
+CFG = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1)   # density 0.5
+
+
+def test_plan_counts_are_exact_for_nanogpt():
+    model, inputs = ZOO["nanogpt"].build()    # D = 48, 2 layers, MLP width 192, fused qkv
+    plan = mohdify.explain(model, inputs, CFG)
+    attn = plan.branch("h.0.attn")
+    mlp = plan.branch("h.0.mlp")
+    assert attn.reader_shapes == {"h.0.attn.c_attn": (48, 144)} and attn.writer_shape == (48, 48)
+    assert mlp.reader_shapes == {"h.0.mlp.c_fc": (48, 192)} and mlp.writer_shape == (192, 48)
+    # attention: 48*144 + 48*48 = 9216 weights; router 3 x 48 = 144; density 0.5
+    assert attn.counts(CFG, 48) == {"params": 9216 + 144, "active_params": 4608 + 144,
+                                    "flops": 2 * 9216, "active_flops": 2 * 4608 + 2 * 3 * 48}
+    # MLP: 48*192 + 192*48 = 18432 weights
+    assert mlp.counts(CFG, 48)["active_params"] == 9216 + 144
+    assert plan.totals()["params"] == 2 * (9216 + 144 + 18432 + 144)
+    text = str(plan)
+    assert "hidden size D=48" in text and "4 branches" in text and "density=0.500" in text
+    assert "lm_head: reads the residual stream but feeds no residual branch" in text
+
+
+def test_filter_fn_limits_the_rewrite():
+    model, inputs = ZOO["llama"].build()
+    seen = []
+
+    def only_mlp(module, name):
+        seen.append((type(module).__name__, name))
+        return ".mlp." in name
+
+    mohdify.mohdify(model, CFG, example_inputs=inputs, filter_fn=only_mlp)
+    assert [b.name for b in mohdify.branches(model)] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(model.model.layers[0].mlp.gate_proj) is MoHDReader
+    assert type(model.model.layers[0].mlp.down_proj) is MoHDWriter
+    assert ("Linear", "model.layers.0.self_attn.o_proj") in seen
+    skipped = dict(model.mohd_plan.skipped)
+    assert "excluded by filter_fn" in skipped["model.layers.0.self_attn.o_proj"]
+
+
+def test_state_dict_keys_keep_layer_names_and_add_branch_state():
+    model, inputs = ZOO["llama"].build()
+    before = set(model.state_dict())
+    mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1, fusion="mix"),
+                    example_inputs=inputs)
+    added = set(model.state_dict()) - before
+    assert before <= set(model.state_dict())
+    assert added == {f"model.layers.{i}.{b}.mohd.{p}" for i in range(2) for b in ("self_attn", "mlp")
+                     for p in ("router", "fusion", "shared_idx", "routed_idx")}
+    branch = model.model.layers[0].mlp.mohd
+    assert isinstance(branch, MoHDBranch) and branch.router.shape == (3, 64) and not branch.router.any()
+    assert torch.equal(branch.fusion, torch.eye(4))
+    assert model.model.layers[0].mlp.up_proj.weight is model.model.layers[0].mlp.up_proj.original.weight
+
+
+def test_graph_shows_named_mohd_ops_and_runs():
+    model, inputs = ZOO["gpt2"].build()
+    mohdify.mohdify(model, CFG, example_inputs=inputs)
+    gm = mohdify.graph(model, inputs)
+    names = [n.name for n in gm.graph.nodes if n.name.startswith("mohd_")]
+    for i in range(2):
+        assert f"mohd_read__transformer_h_{i}_attn_c_attn" in names
+        assert f"mohd_write__transformer_h_{i}_attn_c_proj" in names
+        assert f"mohd_route__transformer_h_{i}_mlp_c_fc" in names
+        assert f"mohd_write__transformer_h_{i}_mlp_c_proj" in names
+    assert len(names) == 4 * 3
+    assert "mohdify.read" in gm.code or "mohdify.read" in str(gm.graph)
+    out = gm(**inputs)
+    ref = model(**inputs)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    assert torch.equal(logits, ref.logits)
+    assert all(b.gates is not None for b in mohdify.branches(model))   # the eager call above
+
+
+def test_graph_requires_a_mohdified_model():
+    model, inputs = ZOO["nanogpt"].build()
+    with pytest.raises(mohdify.UnsupportedModelError, match="is not mohdified"):
+        mohdify.graph(model, inputs)
+
+
+def test_aux_loss_value_matches_the_spec_formula():
+    model, inputs = ZOO["nanogpt"].build()
+    cfg = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1, aux_loss_coef=0.5)
+    mohdify.mohdify(model, cfg, example_inputs=inputs)
+    g = torch.Generator().manual_seed(3)
+    for b in mohdify.branches(model):
+        b.router.data = torch.randn(b.router.shape, generator=g)
+    model(*inputs)
+    expected = 0.0
+    for b in mohdify.branches(model):
+        assert b.last_aux_loss is not None and b.last_aux_loss.requires_grad
+        expected = expected + 0.5 * b.last_aux_loss
+    assert torch.equal(mohdify.aux_loss(model), expected)
+    # with all tokens on one group, f = (1, 0, 0) and the loss is N_r * P_0 per branch
+    branch = mohdify.branches(model)[0]
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]])
+    topk = torch.tensor([[0], [0]])
+    assert torch.allclose(branch.balance_loss(probs, topk), torch.tensor(3 * 0.6))
+
+
+def test_magnitude_router_has_no_parameters_and_zero_aux_loss():
+    model, inputs = ZOO["nanogpt"].build()
+    n_before = sum(p.numel() for p in model.parameters())
+    mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1, router="magnitude"),
+                    example_inputs=inputs)
+    assert sum(p.numel() for p in model.parameters()) == n_before
+    model(*inputs)
+    assert mohdify.aux_loss(model).item() == 0.0
