@@ -8,6 +8,7 @@
 """
 
 from .api import aux_loss, branches, demohdify, explain, graph, mohdify
+from .calibrate import calibrate
 from .config import MoHDConfig
 from .errors import CaptureError, ConfigError, InputError, MohdifyError, UnsupportedModelError
 from .plan import Branch, Plan
@@ -15,6 +16,6 @@ from .plan import Branch, Plan
 __version__ = "0.1.0"
 
 __all__ = [
-    "MoHDConfig", "Plan", "Branch", "explain", "mohdify", "demohdify", "aux_loss", "graph", "branches",
+    "MoHDConfig", "Plan", "Branch", "explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "calibrate",
     "MohdifyError", "ConfigError", "InputError", "CaptureError", "UnsupportedModelError",
 ]

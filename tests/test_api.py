@@ -114,3 +114,19 @@ def test_magnitude_router_has_no_parameters_and_zero_aux_loss():
     assert sum(p.numel() for p in model.parameters()) == n_before
     model(*inputs)
     assert mohdify.aux_loss(model).item() == 0.0
+
+
+def test_calibrate_makes_the_high_energy_groups_shared():
+    model, inputs = ZOO["nanogpt"].build()   # D = 48: 4 groups of 12
+    mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1), example_inputs=inputs)
+    # Make group 2 of the first attention input dominant: the LayerNorm bias puts energy there.
+    with torch.no_grad():
+        model.h[0].ln_1.bias[24:36] = 50.0
+    chosen = mohdify.calibrate(model, [inputs, (inputs[0][:1],)])
+    assert chosen["h.0.attn"] == [2]
+    branch = model.h[0].attn.mohd
+    assert branch.shared_idx.tolist() == [2] and branch.routed_idx.tolist() == [0, 1, 3]
+    out = model(*inputs)
+    assert torch.isfinite(out).all()
+    assert set(model.state_dict()["h.0.attn.mohd.shared_idx"].tolist()) == {2}
+    assert set(chosen) == {"h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp"}
