@@ -130,3 +130,23 @@ def test_calibrate_makes_the_high_energy_groups_shared():
     assert torch.isfinite(out).all()
     assert set(model.state_dict()["h.0.attn.mohd.shared_idx"].tolist()) == {2}
     assert set(chosen) == {"h.0.attn", "h.0.mlp", "h.1.attn", "h.1.mlp"}
+
+
+def test_hf_save_pretrained_round_trip(tmp_path):
+    from safetensors.torch import load_file
+    model, inputs = ZOO["llama"].build()
+    cfg = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=2, fusion="mix")
+    mohdify.mohdify(model, cfg, example_inputs=inputs)
+    g = torch.Generator().manual_seed(1)
+    for b in mohdify.branches(model):
+        b.router.data = torch.randn(b.router.shape, generator=g)
+        b.fusion.data = torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "model.layers.1.mlp.mohd.router" in saved and "model.layers.0.self_attn.mohd.fusion" in saved
+    fresh, _ = ZOO["llama"].build()
+    torch.nn.init.normal_(fresh.model.layers[0].mlp.up_proj.weight)   # differ before loading
+    mohdify.mohdify(fresh, cfg, example_inputs=inputs)
+    missing, unexpected = fresh.load_state_dict(saved, strict=False)
+    assert unexpected == [] and set(missing) <= {"lm_head.weight"}   # tied to the embeddings
+    assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
