@@ -6,6 +6,10 @@ Front-ends are tried in order, each only if the previous one failed:
   2. dynamo: the graphs torch.compile hands to a collecting backend (graph breaks leave several);
   3. `torch.export` block by block: each child of the model's largest ModuleList of repeated
      blocks, with the inputs it received in an eager forward.
+Each CapturedGraph carries `params` (placeholder name -> parameter's qualified name), and its
+nodes' nn_module_stack names modules by qualified name (dynamo's source paths are replaced via
+id(module), its stack key; `module_path` normalises the remaining spellings). A dynamo graph that
+several identical blocks reuse is returned once per block, renamed (see `_dynamo`).
 Nothing here changes the model's parameters, buffers or modules.
 """
 
@@ -14,7 +18,7 @@ from __future__ import annotations
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
@@ -31,6 +35,7 @@ class CapturedGraph:
     graph: fx.Graph
     frontend: str
     prefix: str = ""
+    params: dict[str, str] = field(default_factory=dict)   # placeholder name -> parameter's qualified name
 
 
 @dataclass
@@ -103,11 +108,17 @@ def node_value(node: fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-_DYNAMO_PREFIX = re.compile(r"^(L\['self'\]|L\['mod'\]|L\['model'\]|self)\.?")
+# The root module in a dynamo source path: L['self'] (forward compiled directly), L['mod'] /
+# L['model'] (wrapped), L['args'][0] (HF 5.x decorators wrap forward as `wrapper(*args, **kwargs)`).
+_DYNAMO_PREFIX = re.compile(r"^(L\['(self|mod|model|fn)'\]|L\['args'\]\[0\]|self)\.?")
 
 
 def module_path(path: str) -> str:
-    """Normalize an nn_module_stack path from export or dynamo to a qualified module name."""
+    """Normalize an nn_module_stack path from export or dynamo to a qualified module name.
+
+    export: "model.layers.0.mlp"; dynamo: "L['self'].model.layers[0].mlp",
+    "L['args'][0]._modules['model']._modules['layers']['0']" and similar forms.
+    """
     path = _DYNAMO_PREFIX.sub("", path)
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"^_modules\['([^']*)'\]", r"\1", path)
@@ -116,25 +127,103 @@ def module_path(path: str) -> str:
     return path.strip(".")
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> fx.Graph:
+def _export(model: nn.Module, args: tuple, kwargs: dict, prefix: str = "") -> CapturedGraph:
     with torch.no_grad():
         program = torch.export.export(model, args, kwargs, strict=False)
-    return program.graph
+    frontend = "torch.export per block" if prefix else "torch.export"
+    params = {name: _join(prefix, fqn) for name, fqn in program.graph_signature.inputs_to_parameters.items()}
+    return CapturedGraph(program.graph, frontend, prefix, params)
 
 
-def _dynamo(model: nn.Module, args: tuple, kwargs: dict) -> list[fx.Graph]:
-    graphs: list[fx.Graph] = []
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _dynamo_limits() -> dict:
+    """Recompile limits raised for the capture: every new model instance (and every graph break)
+    is a recompile of the same code objects, and past the limit dynamo silently runs eagerly."""
+    names = ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit")
+    return {n: 1 << 16 for n in names if hasattr(torch._dynamo.config, n)}
+
+
+def _dynamo(model: nn.Module, args: tuple, kwargs: dict) -> list[CapturedGraph]:
+    """The graphs dynamo compiles in one forward, one CapturedGraph per distinct use.
+
+    Dynamo lifts parameters to graph inputs and reuses a compiled graph for every block of the same
+    structure (the guards do not pin the module): a graph compiled for layer 0 also runs layer 1.
+    So the backend records, at run time, which parameters each call received, and a graph run with
+    another block's parameters is analysed again as a copy whose module names are moved to it.
+    """
+    compiled: list[tuple[fx.Graph, list[str], list[Optional[str]]]] = []
+    calls: list[tuple[int, tuple]] = []
+    param_names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    module_names = {str(id(m)): name for name, m in model.named_modules(remove_duplicate=False)}
 
     def collect(gm: fx.GraphModule, example_inputs):
-        graphs.append(gm.graph)
-        return gm.forward
+        holders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        _name_module_stacks(gm.graph, module_names)
+        index = len(compiled)
+        compiled.append((gm.graph, holders, [param_names.get(id(v)) for v in example_inputs]))
 
-    compiled = torch.compile(model, backend=collect, dynamic=False)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
-    if not graphs:
-        raise RuntimeError("dynamo produced no graph")
+        def run(*inputs):
+            calls.append((index, tuple(param_names.get(id(v)) for v in inputs)))
+            return gm.forward(*inputs)
+        return run
+
+    with torch.no_grad(), torch._dynamo.config.patch(**_dynamo_limits()):
+        torch.compile(model, backend=collect, dynamic=False)(*args, **kwargs)
+    if not compiled:
+        raise RuntimeError("dynamo produced no graph (the forward ran eagerly, e.g. under torch._dynamo.disable)")
+    graphs, done = [], set()
+    for index, names in calls:
+        if (index, names) in done:
+            continue
+        done.add((index, names))
+        graph, holders, first = compiled[index]
+        if list(names) != first:
+            graph = _moved_copy(graph, _prefix_map(first, names))
+        graphs.append(CapturedGraph(graph, "dynamo", "", {h: n for h, n in zip(holders, names) if n}))
     return graphs
+
+
+def _prefix_map(before: list, after: tuple) -> dict[str, str]:
+    """Module prefixes that move, from parameter names at compile time and at a later call:
+    "h.0.attn.c_attn.weight" -> "h.1.attn.c_attn.weight" gives {"h.0": "h.1"}."""
+    moves = {}
+    for a, b in zip(before, after):
+        if a and b and a != b:
+            pa, pb = a.split("."), b.split(".")
+            while pa and pb and pa[-1] == pb[-1]:
+                pa, pb = pa[:-1], pb[:-1]
+            moves[".".join(pa)] = ".".join(pb)
+    return moves
+
+
+def _moved_copy(graph: fx.Graph, moves: dict[str, str]) -> fx.Graph:
+    """A copy of `graph` whose nn_module_stack names are moved by the longest matching prefix."""
+    def move(path: str) -> str:
+        for a in sorted(moves, key=len, reverse=True):
+            if path == a or path.startswith(a + "."):
+                return moves[a] + path[len(a):]
+        return path
+    copy = fx.Graph()
+    out = copy.graph_copy(graph, {})
+    copy.output(out)
+    for node in copy.nodes:   # node_copy gives each node its own meta dict
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k: (move(p), c) for k, (p, c) in stack.items()}
+    return copy
+
+
+def _name_module_stacks(graph: fx.Graph, module_names: dict[str, str]) -> None:
+    """Dynamo keys nn_module_stack entries by id(module): replace its source paths by qualified names,
+    so that names do not depend on how dynamo spells the root (module_path handles the rest)."""
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {
+                key: ((module_names[key] if key in module_names else path), cls) for key, (path, cls) in stack.items()}
 
 
 def _repeated_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -168,7 +257,7 @@ def _export_blocks(model: nn.Module, args: tuple, kwargs: dict) -> list[Captured
         if name not in seen:
             continue
         b_args, b_kwargs = seen[name]
-        out.append(CapturedGraph(_export(block, b_args, b_kwargs), "torch.export per block", name))
+        out.append(_export(block, b_args, b_kwargs, prefix=name))
     if not out:
         raise RuntimeError("no repeated block ran in the forward pass")
     return out
@@ -180,22 +269,28 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
     run_eager(model, args, kwargs, example_inputs)
     failures: list[tuple[str, str]] = []
     try:
-        return Capture([CapturedGraph(_export(model, args, kwargs), "torch.export")], "torch.export", failures)
+        return Capture([_export(model, args, kwargs)], "torch.export", failures)
     except Exception as e:  # noqa: BLE001 - every front-end failure is recorded and reported
-        failures.append(("torch.export (non-strict)", f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+        failures.append(("torch.export (non-strict)", _why(e)))
     try:
-        graphs = _dynamo(model, args, kwargs)
-        return Capture([CapturedGraph(g, "dynamo") for g in graphs], "dynamo", failures)
+        return Capture(_dynamo(model, args, kwargs), "dynamo", failures)
     except Exception as e:  # noqa: BLE001
-        failures.append(("dynamo", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
+        failures.append(("dynamo", _why(e)))
     try:
         graphs = _export_blocks(model, args, kwargs)
         return Capture(graphs, graphs[0].frontend, failures)
     except Exception as e:  # noqa: BLE001
-        failures.append(("torch.export per block", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
+        failures.append(("torch.export per block", _why(e)))
     lines = "\n".join(f"  - {name}: {why}" for name, why in failures)
     raise CaptureError(
         f"could not capture a graph of {type(model).__name__} on example_inputs "
         f"{describe_inputs(example_inputs)}; every front-end failed:\n{lines}\n"
-        "Make the model exportable (torch.export.export(model, args, kwargs, strict=False)) or "
-        "pass a filter_fn / smaller blocks.")
+        "Make the model exportable (torch.export.export(model, args, kwargs, strict=False)), e.g. by "
+        "replacing data-dependent Python control flow with torch.cond / torch.where, or keep its "
+        "repeated blocks in an nn.ModuleList so they can be captured one by one.")
+
+
+def _why(e: BaseException) -> str:
+    """One line saying why a front-end failed: the exception type and its first non-empty line."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
