@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .naive import read_backward_naive, read_naive
+from .dispatch import read_backward, read_cuda
+from .naive import read_naive
 
 
 @torch.library.custom_op("mohdify::read", mutates_args=())
@@ -28,9 +29,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight, mask, alpha = ctx.saved_tensors
-    grads = read_backward_naive(grad, x, weight, ctx.has_bias, mask, alpha if ctx.has_alpha else None)
+    # A custom op (reference on CPU, Triton on CUDA) so that AOT autograd can trace this formula.
+    grads = read_backward(grad, x, weight, ctx.has_bias, mask, alpha if ctx.has_alpha else None)
     grad_x, grad_w, grad_b, grad_alpha = grads
     return grad_x, grad_w, grad_b, None, grad_alpha
 
 
 read.register_autograd(_backward, setup_context=_setup_context)
+# CUDA runs the fused Triton reader (codegen/read/kernel.py); CPU keeps the reference above.
+read.register_kernel("cuda")(read_cuda)

@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .naive import write_backward_naive, write_naive
+from .dispatch import write_backward, write_cuda
+from .naive import write_naive
 
 
 @torch.library.custom_op("mohdify::write", mutates_args=())
@@ -30,8 +31,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     u, weight, bias, gates, fusion = ctx.saved_tensors
-    return write_backward_naive(grad, u, weight, bias if ctx.has_bias else None, gates,
-                                fusion if ctx.has_fusion else None)
+    # A custom op (reference on CPU, Triton on CUDA) so that AOT autograd can trace this formula.
+    return write_backward(grad, u, weight, bias if ctx.has_bias else None, gates,
+                          fusion if ctx.has_fusion else None)
 
 
 write.register_autograd(_backward, setup_context=_setup_context)
+# CUDA runs the fused Triton writer (codegen/write/kernel.py); CPU keeps the reference above.
+write.register_kernel("cuda")(write_cuda)

@@ -1,0 +1,133 @@
+"""Launchers of the fused MoHD reader (forward and backward) on the Triton kernel in kernel.py.
+
+`read_triton` equals `read_naive` for every input it accepts; inputs it cannot take raise a
+ValueError that names the argument, the value and what is required (never a wrong result).
+
+Shape legend: T = tokens, D = in_features = N * G, O = out_features, N = groups, G = group size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .._utils import (KernelConfig, check_device, check_float, check_group_size, check_same_device, check_shape,
+                      divisor_block, ieee_for, require, split_for, upcast_for)
+from .kernel import read_kernel
+
+__all__ = ["read_triton", "read_backward_triton", "check_read_inputs", "default_read_config"]
+
+
+def check_read_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
+                      alpha: Optional[Tensor]) -> int:
+    """Validate the reader's inputs for the kernel; returns the group size G."""
+    require(x.dim() == 2, f"x has shape {tuple(x.shape)}: the kernel takes a 2-D [T, D] input")
+    require(weight.dim() == 2, f"weight has shape {tuple(weight.shape)}: required 2-D [O, D]")
+    require(mask.dim() == 2 and mask.shape[0] == x.shape[0],
+            f"mask has shape {tuple(mask.shape)}: required [T, N] with T = x.shape[0] = {x.shape[0]}")
+    require(mask.dtype == torch.bool, f"mask has dtype {mask.dtype}: required torch.bool")
+    num_tokens, dim = x.shape
+    num_groups = mask.shape[1]
+    require(num_groups >= 1 and dim % num_groups == 0,
+            f"mask has {num_groups} groups, which does not divide x.shape[1] = {dim}")
+    require(weight.shape[1] == dim, f"weight has shape {tuple(weight.shape)}: required [O, {dim}] (D = x.shape[1])")
+    group_size = dim // num_groups
+    check_group_size(group_size, f"x.shape[1] = {dim} / mask.shape[1] = {num_groups}")
+    check_device("x", x)
+    check_float("x", x)
+    check_float("weight", weight, like=x)
+    for name, t in (("weight", weight), ("mask", mask)):
+        check_same_device(name, t, x)
+    if bias is not None:
+        check_shape("bias", bias, (weight.shape[0],))
+        check_float("bias", bias)
+        check_same_device("bias", bias, x)
+    if alpha is not None:
+        check_shape("alpha", alpha, (num_tokens,))
+        check_float("alpha", alpha)
+        check_same_device("alpha", alpha, x)
+    return group_size
+
+
+def default_read_config(num_tokens: int, out_features: int, group_size: int, num_groups: int,
+                        device: torch.device) -> KernelConfig:
+    """Fixed heuristics (no autotune: it needs a GPU driver). Decode: a 16/32-token tile and split
+    over groups to fill the SMs; prefill: 64 x 128 tiles accumulating across a token's groups."""
+    if device.type != "cuda":
+        # The interpreter runs programs one after another: few, large tiles are fastest.
+        return KernelConfig(block_m=max(16, min(64, triton.next_power_of_2(num_tokens))),
+                            block_n=max(16, min(64, triton.next_power_of_2(out_features))),
+                            block_k=divisor_block(group_size, 64))
+    if num_tokens <= 32:
+        block_m = 16 if num_tokens <= 16 else 32
+        tiles = triton.cdiv(num_tokens, block_m) * triton.cdiv(out_features, 64)
+        return KernelConfig(block_m=block_m, block_n=64, block_k=divisor_block(group_size, 128),
+                            split=split_for(device, tiles, max_split=num_groups), num_warps=4, num_stages=3)
+    return KernelConfig(block_m=64, block_n=128, block_k=divisor_block(group_size, 64), num_warps=4, num_stages=3)
+
+
+def read_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, alpha: Optional[Tensor],
+                config: Optional[KernelConfig] = None) -> Tensor:
+    """Fused reader, `[T, D]` -> `[T, O]`: y_t = alpha_t * W[:, A_t] x_t[A_t] + b (see `read_naive`).
+
+    Any strides are accepted (e.g. GPT-2's transposed Conv1D weight), at some bandwidth cost when
+    the weight's in-feature dimension is not the contiguous one.
+    """
+    group_size = check_read_inputs(x, weight, bias, mask, alpha)
+    num_tokens, num_groups = mask.shape
+    out_features = weight.shape[0]
+    cfg = config or default_read_config(num_tokens, out_features, group_size, num_groups, x.device)
+    require(group_size % cfg.block_k == 0,
+            f"config.block_k = {cfg.block_k} must divide the group size {group_size}")
+    if num_tokens == 0:
+        return x.new_empty(0, out_features)
+    split = min(cfg.split, num_groups)
+    y = (torch.zeros(num_tokens, out_features, dtype=torch.float32, device=x.device) if split > 1
+         else torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device))   # [T, O]
+    mask_u8 = mask.view(torch.uint8)                                          # [T, N], same bytes as bool
+    grid = (triton.cdiv(num_tokens, cfg.block_m), triton.cdiv(out_features, cfg.block_n), split)
+    read_kernel[grid](
+        x, weight, bias if bias is not None else x, mask_u8, alpha if alpha is not None else x, y,
+        num_tokens, out_features, num_groups,
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        mask_u8.stride(0), mask_u8.stride(1),
+        alpha.stride(0) if alpha is not None else 0,
+        y.stride(0), y.stride(1),
+        G=group_size, HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None, SPLIT=split,
+        UPCAST=upcast_for(x), IEEE=ieee_for(x),
+        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, **cfg.launch_kwargs(),
+    )
+    return y.to(x.dtype) if split > 1 else y
+
+
+def read_backward_triton(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mask: Tensor,
+                         alpha: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of the reader w.r.t. (x, weight, bias, alpha), as `read_backward_naive`.
+
+    grad_x only has the columns of a token's active groups: it is the writer's gathered-row
+    pattern on W.T with per-group gates alpha_t * mask, so it runs on the writer kernel and skips
+    groups inactive for a whole token tile. grad_alpha needs W[:, A] x[A] again: the reader kernel
+    recomputes it. grad_w (a dense [O, D] result) and grad_b stay cuBLAS / torch reductions.
+    """
+    from ..write.launch import write_triton   # the two launchers use each other's kernels
+
+    group_size = check_read_inputs(x, weight, None, mask, alpha)
+    num_tokens, num_groups = mask.shape
+    check_shape("grad", grad, (num_tokens, weight.shape[0]))
+    scale = mask.to(torch.float32)                                            # [T, N]
+    grad_alpha = None
+    grad_scaled = grad                                                        # [T, O]
+    if alpha is not None:
+        plain = read_triton(x, weight, None, mask, None)                      # [T, O] = W[:, A] x[A]
+        grad_alpha = (grad.float() * plain.float()).sum(-1).to(alpha.dtype)   # [T]
+        scale = scale * alpha.float()[:, None]                                # [T, N]
+        grad_scaled = grad * alpha[:, None].to(grad.dtype)                    # [T, O]
+    grad_x = write_triton(grad, weight.t(), None, scale, None)                # [T, D]
+    xm = x * mask.repeat_interleave(group_size, dim=1).to(x.dtype)            # [T, D]
+    grad_w = grad_scaled.t() @ xm                                             # [O, D]
+    grad_b = grad.sum(0) if has_bias else None                                # [O]
+    return grad_x, grad_w, grad_b, grad_alpha

@@ -1,0 +1,74 @@
+"""CUDA side of `mohdify::write`: the fused Triton forward, and `mohdify::write_backward`.
+
+As for the reader: the backward is a custom op (traceable by AOT autograd) whose CPU kernel is the
+reference `write_backward_naive` and whose CUDA kernel uses the launchers. On CUDA, inputs the
+kernels cannot take run the reference with a warning that says why.
+"""
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .naive import write_backward_naive, write_naive
+
+
+def _unsupported(u, weight, bias, gates, fusion) -> Optional[str]:
+    from .launch import check_write_inputs
+
+    try:
+        check_write_inputs(u, weight, bias, gates, fusion)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def write_cuda(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor]) -> Tensor:
+    """CUDA kernel of `mohdify::write`: the fused Triton writer."""
+    reason = _unsupported(u, weight, bias, gates, fusion)
+    if reason is not None:
+        warnings.warn(f"mohdify::write on CUDA runs the reference path: {reason}", stacklevel=2)
+        return write_naive(u, weight, bias, gates, fusion)
+    from .launch import write_triton
+
+    return write_triton(u, weight, bias, gates, fusion)
+
+
+def _pack(grads, u: Tensor):
+    grad_u, grad_w, grad_b, grad_gates, grad_fusion = grads
+    # Separate empties: outputs of a custom op must not alias each other.
+    return (grad_u, grad_w, grad_b if grad_b is not None else u.new_empty(0), grad_gates,
+            grad_fusion if grad_fusion is not None else u.new_empty(0))
+
+
+@torch.library.custom_op("mohdify::write_backward", mutates_args=())
+def write_backward_op(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
+                      fusion: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_u, grad_w, grad_b, grad_gates, grad_fusion); absent gradients come back empty."""
+    return _pack(write_backward_naive(grad, u, weight, bias, gates, fusion), u)
+
+
+@write_backward_op.register_kernel("cuda")
+def _write_backward_cuda(grad, u, weight, bias, gates, fusion):
+    reason = _unsupported(u, weight, bias, gates, fusion)
+    if reason is not None:
+        warnings.warn(f"mohdify::write_backward on CUDA runs the reference path: {reason}", stacklevel=2)
+        return _pack(write_backward_naive(grad, u, weight, bias, gates, fusion), u)
+    from .launch import write_backward_triton
+
+    return _pack(write_backward_triton(grad, u, weight, bias, gates, fusion), u)
+
+
+@write_backward_op.register_fake
+def _write_backward_fake(grad, u, weight, bias, gates, fusion):
+    grad_b = bias.new_empty(bias.shape) if bias is not None else u.new_empty(0)
+    grad_fusion = fusion.new_empty(fusion.shape) if fusion is not None else u.new_empty(0)
+    return u.new_empty(u.shape), weight.new_empty(weight.shape), grad_b, gates.new_empty(gates.shape), grad_fusion
+
+
+def write_backward(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
+                   fusion: Optional[Tensor]):
+    """`write_backward_op` with absent gradients as None, for the autograd formula in op.py."""
+    grad_u, grad_w, grad_b, grad_gates, grad_fusion = write_backward_op(grad, u, weight, bias, gates, fusion)
+    return grad_u, grad_w, grad_b if bias is not None else None, grad_gates, grad_fusion if fusion is not None else None
