@@ -29,7 +29,27 @@ from mohdify.codegen import write as write_op
 
 from .config import MoHDConfig
 
-__all__ = ["MoHDBranch", "MoHDReader", "MoHDWriter"]
+__all__ = ["MoHDBranch", "MoHDReader", "MoHDWriter", "magnitude_scores", "activation_scale"]
+
+
+# Pure functions of the routing math, shared by MoHDBranch and the torch.compile backend's graph
+# rewrite (mohdify.passes.rewrite), so both compute exactly the same thing.
+def magnitude_scores(x: Tensor, group_size: int, routed_idx: Tensor) -> Tensor:
+    """Magnitude-router scores `[T, N_r]`: the energy ||x_t[group i]||^2 of each routed group."""
+    energy = x.float().view(x.shape[0], -1, group_size).pow(2).sum(-1)        # [T, N]
+    return energy[:, routed_idx]                                              # [T, N_r]
+
+
+def activation_scale(x: Tensor, mask: Tensor, scaling: str, density: float, group_size: int) -> Optional[Tensor]:
+    """Activation scaling alpha `[T]` of the readers' input `x` `[T, D]`, or None for scaling "none"."""
+    if scaling == "none":
+        return None
+    if scaling == "density":
+        return x.new_full((x.shape[0],), 1.0 / density)                       # [T]
+    kept = x.view(x.shape[0], -1, group_size) * mask[:, :, None].to(x.dtype)  # [T, N, G]
+    full = x.norm(dim=-1)                                                     # [T]
+    part = kept.flatten(1).norm(dim=-1)                                       # [T]
+    return torch.where(part > 0, full / part.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(full))
 
 
 class MoHDBranch(nn.Module):
@@ -68,8 +88,7 @@ class MoHDBranch(nn.Module):
         if self.router is not None:
             probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)   # [T, N_r]
             return probs, probs
-        energy = x.float().view(x.shape[0], -1, self.group_size).pow(2).sum(-1)  # [T, N]
-        return energy[:, self.routed_idx], None                               # [T, N_r]
+        return magnitude_scores(x, self.group_size, self.routed_idx), None
 
     def route(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Route `x` `[T, D]`: returns the reader mask `[T, N]` and scale `[T]` (or None)."""
@@ -87,14 +106,7 @@ class MoHDBranch(nn.Module):
 
     def scale(self, x: Tensor, mask: Tensor) -> Optional[Tensor]:
         """Activation scaling alpha `[T]`, or None when scaling is "none"."""
-        if self.config.scaling == "none":
-            return None
-        if self.config.scaling == "density":
-            return x.new_full((x.shape[0],), 1.0 / self.config.density)
-        kept = x.view(x.shape[0], -1, self.group_size) * mask[:, :, None].to(x.dtype)  # [T, N, G]
-        full = x.norm(dim=-1)                                                 # [T]
-        part = kept.flatten(1).norm(dim=-1)                                   # [T]
-        return torch.where(part > 0, full / part.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(full))
+        return activation_scale(x, mask, self.config.scaling, self.config.density, self.group_size)
 
     def balance_loss(self, probs: Tensor, topk: Tensor) -> Tensor:
         """N_r * sum_i f_i P_i: f_i = share of tokens routed to i, P_i = mean probability of i."""

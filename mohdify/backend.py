@@ -1,0 +1,136 @@
+"""`torch.compile(model, backend="mohd")`: the MoHD compiler backend.
+
+Registered under the `torch_dynamo_backends` entry point (pyproject.toml), so it works right after
+`pip install` without importing mohdify first.
+
+Each graph dynamo hands over (one per graph piece: graph breaks give several) is handled alone:
+  - a graph of a mohdified model (it calls torch.ops.mohdify.route/read/write) is compiled as it is:
+    inductor keeps the custom ops as calls, which run the kernels registered for the device (the
+    reference ops on CPU), and compiles everything else;
+  - a graph of a dense model is analysed (the residual branches, their readers and writers) and
+    rewritten to magnitude-routed MoHD ops (mohdify.passes.rewrite), then compiled.
+
+Options: torch.compile(model, backend="mohd", options={...}) with the MoHDConfig fields
+`num_groups`, `num_shared`, `top_k`, `scaling` (router is "magnitude" and fusion "none": a backend
+cannot add parameters), and `compiler`: "inductor" (default), "aot_eager" or "eager", the compiler
+the (rewritten) graph is handed to. torch.compile hands `options` (minus the `guard_filter_fn` and
+`use_aoti` keys it takes for itself) and a non-default `mode` to the backend as keyword arguments;
+`mode` goes on to inductor as its mode options (torch.compile allows `mode` or `options`, not both).
+
+Every graph leaves a record: counters in torch._dynamo.utils.counters["mohdify"] (graphs,
+mohdified_graphs, dense_graphs, branches_rewritten, readers_rewritten, writers_rewritten,
+layers_left_dense, graphs_without_branch) and a message on logging.getLogger("mohdify").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx
+
+from mohdify.config import MoHDConfig
+from mohdify.errors import ConfigError
+from mohdify.passes.rewrite import mohd_op_nodes, rewrite_graph
+
+__all__ = ["mohd_backend", "backend_config", "COMPILERS", "CONFIG_OPTIONS"]
+
+log = logging.getLogger("mohdify")
+
+COMPILERS = ("inductor", "aot_eager", "eager")
+CONFIG_OPTIONS = ("num_groups", "num_shared", "top_k", "router", "scaling", "fusion")
+_FIXED = {"router": "magnitude", "fusion": "none"}
+_WHY_FIXED = {
+    "router": "a learned router has parameters",
+    "fusion": "group fusion has a learnable matrix",
+}
+
+
+def backend_config(options: Optional[dict] = None) -> tuple[MoHDConfig, str]:
+    """Validate the backend's `options` into (MoHDConfig, compiler name); raise ConfigError if bad."""
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"torch.compile(backend='mohd', options=...) must be a dict, got "
+                          f"{type(options).__name__}: {options!r}.")
+    allowed = (*CONFIG_OPTIONS, "compiler")
+    unknown = sorted(k for k in options if k not in allowed)
+    if unknown:
+        ignored = sorted({f.name for f in fields(MoHDConfig)} - set(allowed))
+        raise ConfigError(f"torch.compile(backend='mohd') got unknown option(s) {unknown}; the options are "
+                          f"{list(allowed)} ({ignored} do not apply to the backend's magnitude router).")
+    for key, required in _FIXED.items():
+        if key in options and options[key] != required:
+            raise ConfigError(
+                f"torch.compile(backend='mohd') got {key}={options[key]!r}, but the backend needs "
+                f"{key}={required!r}: {_WHY_FIXED[key]}, and a compiler backend cannot add parameters to a "
+                f"model. Call mohdify.mohdify(model, MoHDConfig({key}={options[key]!r}, ...), example_inputs=...) "
+                "first, then torch.compile(model, backend='mohd').")
+    compiler = options.get("compiler", "inductor")
+    if compiler not in COMPILERS:
+        raise ConfigError(f"torch.compile(backend='mohd') option compiler must be one of {COMPILERS}, "
+                          f"got {compiler!r}.")
+    kwargs = {k: options[k] for k in CONFIG_OPTIONS if k in options}
+    kwargs.update(_FIXED)
+    try:
+        config = MoHDConfig(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"torch.compile(backend='mohd', options={options!r}): {e}") from e
+    return config, compiler
+
+
+def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str, mode: Optional[str]):
+    if compiler == "eager":
+        return gm.forward
+    if compiler == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    patches = list_mode_options(mode) if mode else None
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def mohd_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Optional[dict] = None,
+                 mode: Optional[str] = None):
+    """The dynamo backend behind `torch.compile(model, backend="mohd", options={...})`.
+
+    dynamo calls it as `mohd_backend(gm, example_inputs, options=..., mode=...)` (torch passes
+    `options` and a non-default `mode` as keyword arguments to a non-inductor backend).
+    """
+    config, compiler = backend_config(options)
+    counts = torch._dynamo.utils.counters["mohdify"]
+    counts["graphs"] += 1
+    ops = mohd_op_nodes(gm.graph)
+    if ops:
+        counts["mohdified_graphs"] += 1
+        given = sorted(k for k in (options or {}) if k in CONFIG_OPTIONS)
+        note = f"; options {given} are ignored (the model has its own MoHDConfig)" if given else ""
+        log.info("mohd backend: graph with %d MoHD ops (a mohdified model), compiled with %s%s",
+                 len(ops), compiler, note)
+        return _compile(gm, example_inputs, compiler, mode)
+    counts["dense_graphs"] += 1
+    try:
+        report = rewrite_graph(gm, config)
+    except ConfigError as e:
+        raise ConfigError(f"torch.compile(backend='mohd', options={options!r}): {e}") from e
+    counts["branches_rewritten"] += len(report.branches)
+    counts["readers_rewritten"] += report.readers
+    counts["writers_rewritten"] += len(report.branches)
+    counts["layers_left_dense"] += len(report.skipped)
+    if report.branches:
+        log.info("mohd backend: rewrote %d residual branches (%d readers, %d writers) with magnitude routing, "
+                 "D=%d, groups=%d, shared=%d, top_k=%d (density %.3f), scaling=%s",
+                 len(report.branches), report.readers, len(report.branches), report.hidden_size,
+                 config.num_groups, config.num_shared, config.top_k, config.density, config.scaling)
+    else:
+        counts["graphs_without_branch"] += 1
+        log.warning("mohd backend: no residual branch in this graph (%d linear-layer calls, %d nodes); "
+                    "it is compiled unchanged, with no MoHD", report.linears, len(gm.graph.nodes))
+    for name, readers, writer in report.branches:
+        log.info("mohd backend: branch %s: readers %s, writer %s", name, readers, writer)
+    for name, why in report.skipped:
+        log.info("mohd backend: left dense %s: %s", name, why)
+    return _compile(gm, example_inputs, compiler, mode)
