@@ -8,6 +8,7 @@ served decode step would). On CPU (the --smoke mode) it is a plain wall-clock me
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -27,7 +28,9 @@ def git_sha() -> str:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.CalledProcessError) as err:
-        return f"unknown ({err.__class__.__name__})"
+        # A copy of the tree without .git (the GPU machines): gpu_session.sh passes the sha in MOHD_GIT_SHA.
+        given = os.environ.get("MOHD_GIT_SHA")
+        return f"{given} (from MOHD_GIT_SHA)" if given else f"unknown ({err.__class__.__name__})"
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parent).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
