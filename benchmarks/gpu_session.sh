@@ -11,7 +11,7 @@
 # Stages, in priority order:
 #   env        GPU, python and package versions
 #   install    pip install --no-deps --no-build-isolation -e . (registers the 'mohd' backend)
-#   tests      MOHDIFY_TEST_CUDA=1 pytest tests/codegen/test_kernel_dispatch.py (the CUDA kernel tests)
+#   tests      MOHDIFY_TEST_CUDA=1 pytest tests/codegen (the CUDA kernel tests; interpreter-only modules skip)
 #   e2e-small  bench_e2e --shape small: dense / ideal / mohd at delta 0.5 and 0.25 (D 2048, 0.85B)
 #   train      bench_train: D 2048 model, 8 x 2048 tokens, dense vs mohd at delta 0.5
 #   ops        run_all.py, the op benchmarks
@@ -97,7 +97,7 @@ kernel_tests() {
   # The CUDA kernel tests live in test_kernel_dispatch.py. The other tests/codegen files run the kernels
   # on CPU tensors under the Triton interpreter, which MOHDIFY_TEST_CUDA=1 turns off, so there they
   # would fail on the device check rather than test anything.
-  MOHDIFY_TEST_CUDA=1 "$PY" -m pytest tests/codegen/test_kernel_dispatch.py -q -rfEs -p no:cacheprovider
+  MOHDIFY_TEST_CUDA=1 "$PY" -m pytest tests/codegen -q -rfEs -p no:cacheprovider
 }
 
 summary() {

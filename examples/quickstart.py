@@ -45,7 +45,11 @@ def main() -> None:
                             do_sample=False, pad_token_id=0)
     print("generated (dense) :", dense_tokens[0, prompt.shape[1]:].tolist())
     print("generated (MoHD)  :", tokens[0, prompt.shape[1]:].tolist())
-    print(f"aux (balance) loss of the last step: {mohdify.aux_loss(model).item():.4f}")
+    loss = model(input_ids=prompt, labels=prompt).loss + mohdify.aux_loss(model)   # a training step's loss
+    loss.backward()
+    routers = [b.router.grad.abs().sum().item() for b in mohdify.branches(model)]
+    print(f"training loss with the balance loss {loss.item():.4f}; routers got gradients: {all(g > 0 for g in routers)}")
+    model.zero_grad(set_to_none=True)
 
     totals = model.mohd_plan.totals()
     n_all = sum(p.numel() for p in model.parameters())

@@ -120,7 +120,8 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     """The load-balancing loss of the last forward pass, summed over branches, times aux_loss_coef.
 
     Per branch: N_r * sum_i f_i P_i (f_i: share of tokens routed to group i, P_i: mean router
-    probability of i). Branches with the magnitude router contribute 0.
+    probability of i). Branches with the magnitude router contribute 0. It is computed only in
+    forward passes with autograd enabled (a training step), not under no_grad/inference.
     """
     _check_model(model, "aux_loss")
     found = mohd_branches(model)
@@ -131,8 +132,9 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
         return torch.zeros((), device=found[0].shared_idx.device)
     missing = [b.name for b in learned if b.last_aux_loss is None]
     if missing:
-        raise RuntimeError(f"aux_loss: no forward pass has run through branches {missing[:3]} yet; "
-                           "call the model first.")
+        raise RuntimeError(f"aux_loss: no forward pass with gradients enabled has run through branches "
+                           f"{missing[:3]}; the balance loss is computed only when autograd is on (not under "
+                           "torch.no_grad() or inference_mode, e.g. generate). Call the model in a training step first.")
     return sum(b.config.aux_loss_coef * b.last_aux_loss for b in learned)
 
 

@@ -100,7 +100,9 @@ class MoHDBranch(nn.Module):
             chosen = probs.gather(1, topk)                                    # [T, k]
             g = config.top_k * chosen / chosen.sum(-1, keepdim=True)          # [T, k]
             gates = gates.scatter(1, self.routed_idx[topk], g.to(x.dtype))    # [T, N]
-            self.last_aux_loss = self.balance_loss(probs, topk)
+            # Only a pass that can train needs the balance loss: inference (generate, decode under
+            # no_grad) skips its small kernels and keeps no graph alive.
+            self.last_aux_loss = self.balance_loss(probs, topk) if torch.is_grad_enabled() else None
         self.gates = gates
         return mask, self.scale(x, mask)
 

@@ -138,8 +138,14 @@ def test_demohdify_and_aux_loss_on_dense_model():
 def test_aux_loss_before_any_forward():
     model, inputs = ZOO["nanogpt"].build()
     mohdify.mohdify(model, MoHDConfig(num_groups=4, num_shared=1, top_k=1), example_inputs=inputs)
-    with pytest.raises(RuntimeError, match="no forward pass has run"):
+    with pytest.raises(RuntimeError, match="no forward pass with gradients enabled has run"):
         mohdify.aux_loss(model)
+    with torch.no_grad():
+        model(*inputs)   # inference computes no balance loss
+    with pytest.raises(RuntimeError, match="not under torch.no_grad"):
+        mohdify.aux_loss(model)
+    model(*inputs)
+    assert mohdify.aux_loss(model).requires_grad
 
 
 def test_explain_does_not_touch_model_and_copies_behave():
