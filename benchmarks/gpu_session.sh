@@ -95,8 +95,8 @@ kernel_tests() {
     return 3
   fi
   # The CUDA kernel tests live in test_kernel_dispatch.py. The other tests/codegen files run the kernels
-  # on CPU tensors under the Triton interpreter, which MOHDIFY_TEST_CUDA=1 turns off, so there they
-  # would fail on the device check rather than test anything.
+  # on CPU tensors under the Triton interpreter, which MOHDIFY_TEST_CUDA=1 turns off: tests/conftest.py
+  # skips them then.
   MOHDIFY_TEST_CUDA=1 "$PY" -m pytest tests/codegen -q -rfEs -p no:cacheprovider
 }
 
