@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script: im
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-from common import environment, format_table, write_json  # noqa: E402
+from common import environment, format_table, report_problems, write_json  # noqa: E402
 from e2e_models import (SHAPES, Decoder, active_width, build_model, choose_impl, count_params,  # noqa: E402
                         mohd_config, randomise_routers)
 
@@ -290,12 +290,9 @@ def main(argv=None) -> int:
     write_json(out, payload)
     print(f"\n{shape.name}: D {shape.dim}, {shape.layers} layers, FFN {shape.ffn}, {payload['model_impl']} model, "
           f"{dtype}, prompt {args.prompt}, {args.new_tokens} new tokens\n{payload['table']}")
-    for r in rows:
-        for kind in ("error", "warning"):
-            if r.get(kind):
-                print(f"{kind.upper()} {r['provider']} delta {r['delta']}: {r[kind]}")
+    failed = report_problems(rows, lambda r: f"{r['provider']} delta {r['delta']}")
     print(f"wrote {out}")
-    return 1 if any(r.get("error") for r in rows) else 0
+    return failed
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from bench_e2e import free_memory, model_dim, transformers_version  # noqa: E402
-from common import environment, format_table, write_json  # noqa: E402
+from common import environment, format_table, report_problems, write_json  # noqa: E402
 from e2e_models import (SHAPES, active_width, build_model, choose_impl, count_params, mohd_config,  # noqa: E402
                         randomise_routers)
 
@@ -210,12 +210,9 @@ def main(argv=None) -> int:
     write_json(out, payload)
     print(f"\ntraining step: {shape.name} (D {shape.dim}, {shape.layers} layers), {impl} model, {dtype}, "
           f"{args.batch} x {args.seq} tokens, delta {args.density}\n{payload['table']}")
-    for r in rows:
-        for kind in ("error", "warning"):
-            if r.get(kind):
-                print(f"{kind.upper()} {r['provider']}: {r[kind]}")
+    failed = report_problems(rows, lambda r: r["provider"])
     print(f"wrote {out}")
-    return 1 if any(r.get("error") for r in rows) else 0
+    return failed
 
 
 if __name__ == "__main__":

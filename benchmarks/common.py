@@ -85,3 +85,12 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False))
+
+
+def report_problems(rows: list[dict], label) -> int:
+    """Print every row's error and warning (`label(row)` names the row); 1 if any row failed."""
+    for r in rows:
+        for kind in ("error", "warning"):
+            if r.get(kind):
+                print(f"{kind.upper()} {label(r)}: {r[kind]}")
+    return 1 if any(r.get("error") for r in rows) else 0
