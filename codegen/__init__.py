@@ -1,7 +1,8 @@
 """MoHD ops. Each folder holds one op: `naive.py` (the pure-torch reference, the ground truth)
 and `op.py` (its `torch.library.custom_op` registration, with a fake and a backward).
 
-Importing this package registers `torch.ops.mohdify.route`, `.read` and `.write`.
+Importing this package registers `torch.ops.mohdify.route`, `.read`, `.read_multi`, `.write` and
+`.write_add` (`read_multi` and `write_add`: the fused forms the torch.compile backend puts in, passes/fuse.py).
 """
 
 from .read import read, read_naive

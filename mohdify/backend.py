@@ -4,22 +4,28 @@ Registered under the `torch_dynamo_backends` entry point (pyproject.toml), so it
 `pip install` without importing mohdify first.
 
 Each graph dynamo hands over (one per graph piece: graph breaks give several) is handled alone:
-  - a graph of a mohdified model (it calls torch.ops.mohdify.route/read/write) is compiled as it is:
-    inductor keeps the custom ops as calls, which run the kernels registered for the device (the
-    reference ops on CPU), and compiles everything else;
+  - a graph of a mohdified model (it calls torch.ops.mohdify.route/read/write) is first fused
+    (mohdify.passes.fuse): the per-reader copies of a branch's routing become one, the reads of
+    one branch input (q|k|v, gate|up) one `mohdify::read_multi` (one Triton launch on CUDA), and
+    each write followed by its residual add one `mohdify::write_add` (the add in the writer's
+    epilogue). Then it is compiled: inductor keeps the custom ops as calls, which run the kernels
+    registered for the device (the reference ops on CPU), and compiles everything else;
   - a graph of a dense model is analysed (the residual branches, their readers and writers) and
     rewritten to magnitude-routed MoHD ops (mohdify.passes.rewrite), then compiled.
 
 Options: torch.compile(model, backend="mohd", options={...}) with the MoHDConfig fields
 `num_groups`, `num_shared`, `top_k`, `scaling` (router is "magnitude" and fusion "none": a backend
 cannot add parameters), and `compiler`: "inductor" (default), "aot_eager" or "eager", the compiler
-the (rewritten) graph is handed to. torch.compile hands `options` (minus the `guard_filter_fn` and
+the (rewritten) graph is handed to, and `fuse` (default True; False leaves a mohdified model's graph
+unfused, e.g. to compare). torch.compile hands `options` (minus the `guard_filter_fn` and
 `use_aoti` keys it takes for itself) and a non-default `mode` to the backend as keyword arguments;
 `mode` goes on to inductor as its mode options (torch.compile allows `mode` or `options`, not both).
 
 Every graph leaves a record: counters in torch._dynamo.utils.counters["mohdify"] (graphs,
 mohdified_graphs, dense_graphs, branches_rewritten, readers_rewritten, writers_rewritten,
-layers_left_dense, graphs_without_branch) and a message on logging.getLogger("mohdify").
+layers_left_dense, graphs_without_branch; for mohdified graphs nodes_deduplicated,
+routes_deduplicated, reads_merged, read_multi, writes_fused) and a message on
+logging.getLogger("mohdify").
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import fx
 
 from mohdify.config import MoHDConfig
 from mohdify.errors import ConfigError
+from mohdify.passes.fuse import fuse_graph
 from mohdify.passes.rewrite import mohd_op_nodes, rewrite_graph
 
 __all__ = ["mohd_backend", "backend_config", "COMPILERS", "CONFIG_OPTIONS"]
@@ -55,7 +62,7 @@ def backend_config(options: Optional[dict] = None) -> tuple[MoHDConfig, str]:
     if not isinstance(options, dict):
         raise ConfigError(f"torch.compile(backend='mohd', options=...) must be a dict, got "
                           f"{type(options).__name__}: {options!r}.")
-    allowed = (*CONFIG_OPTIONS, "compiler")
+    allowed = (*CONFIG_OPTIONS, "compiler", "fuse")
     unknown = sorted(k for k in options if k not in allowed)
     if unknown:
         ignored = sorted({f.name for f in fields(MoHDConfig)} - set(allowed))
@@ -68,6 +75,8 @@ def backend_config(options: Optional[dict] = None) -> tuple[MoHDConfig, str]:
                 f"{key}={required!r}: {_WHY_FIXED[key]}, and a compiler backend cannot add parameters to a "
                 f"model. Call mohdify.mohdify(model, MoHDConfig({key}={options[key]!r}, ...), example_inputs=...) "
                 "first, then torch.compile(model, backend='mohd').")
+    if not isinstance(options.get("fuse", True), bool):
+        raise ConfigError(f"torch.compile(backend='mohd') option fuse must be True or False, got {options['fuse']!r}.")
     compiler = options.get("compiler", "inductor")
     if compiler not in COMPILERS:
         raise ConfigError(f"torch.compile(backend='mohd') option compiler must be one of {COMPILERS}, "
@@ -93,6 +102,17 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str, m
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def _fuse(gm: fx.GraphModule, counts) -> None:
+    report = fuse_graph(gm)
+    for key in ("nodes_deduplicated", "routes_deduplicated", "reads_merged", "read_multi", "writes_fused"):
+        counts[key] += getattr(report, key)
+    log.info("mohd backend: fused %d duplicate nodes (%d routes), %d reads into %d read_multi, %d write + "
+             "residual add into write_add", report.nodes_deduplicated, report.routes_deduplicated,
+             report.reads_merged, report.read_multi, report.writes_fused)
+    for name, why in report.not_fused:
+        log.info("mohd backend: not fused at %s: %s", name, why)
+
+
 def mohd_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: Optional[dict] = None,
                  mode: Optional[str] = None):
     """The dynamo backend behind `torch.compile(model, backend="mohd", options={...})`.
@@ -110,6 +130,8 @@ def mohd_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: 
         note = f"; options {given} are ignored (the model has its own MoHDConfig)" if given else ""
         log.info("mohd backend: graph with %d MoHD ops (a mohdified model), compiled with %s%s",
                  len(ops), compiler, note)
+        if (options or {}).get("fuse", True):
+            _fuse(gm, counts)
         return _compile(gm, example_inputs, compiler, mode)
     counts["dense_graphs"] += 1
     try:

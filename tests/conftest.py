@@ -50,7 +50,8 @@ def _seed():
 # Test modules that run the Triton kernels on CPU tensors through the interpreter. With
 # MOHDIFY_TEST_CUDA=1 (a GPU run, interpreter off) they cannot run and are skipped, so that
 # `MOHDIFY_TEST_CUDA=1 pytest tests/codegen` runs the CUDA tests alone.
-INTERPRETER_ONLY = {"test_read_kernel.py", "test_write_kernel.py", "test_benchmarks.py", "test_kernel_errors.py"}
+INTERPRETER_ONLY = {"test_read_kernel.py", "test_write_kernel.py", "test_benchmarks.py", "test_kernel_errors.py",
+                    "test_read_multi.py"}
 
 
 def pytest_collection_modifyitems(config, items):

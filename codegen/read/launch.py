@@ -16,9 +16,10 @@ from torch import Tensor
 
 from .._utils import (KernelConfig, check_device, check_float, check_group_size, check_same_device, check_shape,
                       divisor_block, ieee_for, require, split_for, upcast_for)
-from .kernel import read_kernel
+from .kernel import read_kernel, read_multi_kernel
 
-__all__ = ["read_triton", "read_backward_triton", "check_read_inputs", "default_read_config"]
+__all__ = ["read_triton", "read_multi_triton", "read_backward_triton", "check_read_inputs", "default_read_config",
+           "MAX_WEIGHTS_PER_LAUNCH"]
 
 
 def check_read_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
@@ -102,6 +103,65 @@ def read_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, **cfg.launch_kwargs(),
     )
     return y.to(x.dtype) if split > 1 else y
+
+
+MAX_WEIGHTS_PER_LAUNCH = 4   # read_multi_kernel's weight slots: q|k|v and gate|up fit in one launch
+
+
+def read_multi_triton(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], mask: Tensor,
+                      alpha: Optional[Tensor], config: Optional[KernelConfig] = None) -> list[Tensor]:
+    """Several readers of one input, `[T, D]` -> `[T, O_i]` each, as `read_triton` per weight, in
+    one launch per 4 weights: the grid runs over the concatenated column tiles of all outputs.
+
+    Every weight must pass `check_read_inputs` with this x, mask and alpha (ValueError otherwise).
+    """
+    require(len(weights) >= 1 and len(weights) == len(biases),
+            f"got {len(weights)} weights and {len(biases)} biases: required one bias (or None) per weight, "
+            "at least one weight")
+    group_size = 0
+    for w, b in zip(weights, biases):
+        group_size = check_read_inputs(x, w, b, mask, alpha)
+    num_tokens, num_groups = mask.shape
+    total_out = sum(int(w.shape[0]) for w in weights)
+    cfg = config or default_read_config(num_tokens, total_out, group_size, num_groups, x.device)
+    require(group_size % cfg.block_k == 0,
+            f"config.block_k = {cfg.block_k} must divide the group size {group_size}")
+    if num_tokens == 0:
+        return [x.new_empty(0, w.shape[0]) for w in weights]
+    split = min(cfg.split, num_groups)
+    mask_u8 = mask.view(torch.uint8)                                          # [T, N], same bytes as bool
+    outs = []
+    for start in range(0, len(weights), MAX_WEIGHTS_PER_LAUNCH):
+        ws = weights[start:start + MAX_WEIGHTS_PER_LAUNCH]
+        bs = biases[start:start + MAX_WEIGHTS_PER_LAUNCH]
+        ys = [torch.zeros(num_tokens, w.shape[0], dtype=torch.float32, device=x.device) if split > 1
+              else torch.empty(num_tokens, w.shape[0], dtype=x.dtype, device=x.device) for w in ws]  # [T, O_i]
+        tiles = [triton.cdiv(int(w.shape[0]), cfg.block_n) for w in ws]
+        ends = [sum(tiles[:i + 1]) for i in range(len(ws))]                   # E_{i+1}: first tile of weight i+1
+        pad = MAX_WEIGHTS_PER_LAUNCH - len(ws)
+        slots = [(w, b if b is not None else x, y) for w, b, y in zip(ws, bs, ys)] + [(x, x, x)] * pad
+        outs_f = [int(w.shape[0]) for w in ws] + [0] * pad
+        ends = (ends + [ends[-1]] * pad)[:MAX_WEIGHTS_PER_LAUNCH - 1]
+        strides = [s for w in ws for s in w.stride()] + [0, 0] * pad
+        has_bias = [b is not None for b in bs] + [False] * pad
+        grid = (triton.cdiv(num_tokens, cfg.block_m), sum(tiles), split)
+        read_multi_kernel[grid](
+            x, mask_u8, alpha if alpha is not None else x,
+            *[p for slot in slots for p in slot],
+            *outs_f, *ends,
+            num_tokens, num_groups,
+            x.stride(0), x.stride(1),
+            mask_u8.stride(0), mask_u8.stride(1),
+            alpha.stride(0) if alpha is not None else 0,
+            *strides,
+            G=group_size, NUM_W=len(ws),
+            HAS_B0=has_bias[0], HAS_B1=has_bias[1], HAS_B2=has_bias[2], HAS_B3=has_bias[3],
+            HAS_ALPHA=alpha is not None, SPLIT=split,
+            UPCAST=upcast_for(x), IEEE=ieee_for(x),
+            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, **cfg.launch_kwargs(),
+        )
+        outs += [y.to(x.dtype) for y in ys] if split > 1 else ys
+    return outs
 
 
 def read_backward_triton(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mask: Tensor,

@@ -1,0 +1,73 @@
+"""`mohdify::write_add`: the MoHD writer with the residual add fused, h + write(u, ...).
+
+The torch.compile backend's fusion pass (mohdify.passes.fuse) puts it where a `mohdify::write`
+result reaches nothing but the residual add. On CPU it is `write_naive(...) + residual` (the
+numbers of the separate write and add, bit for bit); on CUDA `write_triton(..., residual=...)`,
+which adds the residual in the writer's (or the mixing kernel's) epilogue. The backward is the
+writer's (`mohdify::write_backward`); the residual's gradient is the incoming gradient.
+
+Shape legend: T = tokens, I = in_features, D = out_features, N = groups.
+"""
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .dispatch import write_backward
+from .naive import write_naive
+
+__all__ = ["write_add", "write_add_naive"]
+
+
+def write_add_naive(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor],
+                    residual: Tensor) -> Tensor:
+    """`write_naive(u, weight, bias, gates, fusion) + residual`; residual `[T, D]` -> `[T, D]`."""
+    return write_naive(u, weight, bias, gates, fusion) + residual             # [T, D]
+
+
+@torch.library.custom_op("mohdify::write_add", mutates_args=())
+def write_add(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor],
+              residual: Tensor) -> Tensor:
+    """See `write_add_naive`."""
+    return write_add_naive(u, weight, bias, gates, fusion, residual)
+
+
+@write_add.register_fake
+def _write_add_fake(u, weight, bias, gates, fusion, residual):
+    return u.new_empty(u.shape[0], weight.shape[0], dtype=torch.promote_types(u.dtype, residual.dtype))
+
+
+@write_add.register_kernel("cuda")
+def _write_add_cuda(u, weight, bias, gates, fusion, residual):
+    from .launch import check_write_inputs, write_triton
+
+    try:
+        check_write_inputs(u, weight, bias, gates, fusion, residual)
+        if residual.dtype != u.dtype:
+            raise ValueError(f"residual has dtype {residual.dtype}, but u has {u.dtype}: the fused add needs them equal")
+    except ValueError as err:
+        warnings.warn(f"mohdify::write_add on CUDA runs the reference path: {err}", stacklevel=2)
+        return write_add_naive(u, weight, bias, gates, fusion, residual)
+    return write_triton(u, weight, bias, gates, fusion, residual=residual)
+
+
+def _setup_context(ctx, inputs, output):
+    u, weight, bias, gates, fusion, residual = inputs
+    ctx.has_bias = bias is not None
+    ctx.has_fusion = fusion is not None
+    ctx.residual_dtype = residual.dtype
+    empty = u.new_empty(0)
+    ctx.save_for_backward(u, weight, bias if bias is not None else empty, gates,
+                          fusion if fusion is not None else empty)
+
+
+def _backward(ctx, grad):
+    u, weight, bias, gates, fusion = ctx.saved_tensors
+    grads = write_backward(grad.to(u.dtype), u, weight, bias if ctx.has_bias else None, gates,
+                           fusion if ctx.has_fusion else None)
+    return (*grads, grad.to(ctx.residual_dtype))
+
+
+write_add.register_autograd(_backward, setup_context=_setup_context)
