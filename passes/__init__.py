@@ -5,7 +5,9 @@
 3. plan     (find.py):    analyses of all graphs -> one Plan keyed by module names;
 4. apply    (apply.py):   Plan -> the model rewritten in place, reversibly;
 5. rewrite  (rewrite.py): for the torch.compile backend, the same analysis on a dynamo graph
-                          of a dense model, rewritten to magnitude-routed MoHD ops.
+                          of a dense model, rewritten to magnitude-routed MoHD ops;
+6. fuse     (fuse.py):    for the backend, a mohdified model's graph with one routing, one
+                          reader launch and one writer + residual add per branch.
 """
 
 from .analyze import BranchMatch, GraphAnalysis, LinearRef, analyze_graph
