@@ -15,8 +15,10 @@ Three sub-passes, in this order:
    target, the same constant arguments and the same input nodes. The later one is replaced by the
    earlier one. Only deterministic, non-mutating calls are merged (no random ops, no `empty`, no
    in-place or `out=` ops, no higher-order ops, no modules); a call with side effects (e.g.
-   `torch._C._set_grad_enabled`) ends the region within which nodes are merged. A graph with any
-   in-place op is not deduplicated at all (a merged tensor could be mutated through one name).
+   `torch._C._set_grad_enabled`) or an in-place op (e.g. a static KV-cache update) ends the region
+   within which nodes are merged, and a value that an in-place op later writes into (or may be a
+   view of, walking back along first arguments) is never merged, so no merged tensor is mutated
+   through one of its names.
 2. Read merge. Pattern: >= 2 calls `mohdify::read(x, W_i, b_i, mask, alpha)` with the same x, mask
    and alpha nodes (after 1, the readers of a branch), all with a bias or all without one.
    Replaced by `ys = mohdify::read_multi(x, [W_i], [b_i], mask, alpha)` at the first read and
@@ -164,13 +166,34 @@ def _ends_region(node: fx.Node) -> bool:
         node.is_impure(impure_random=False) and node.target is not torch._C._log_api_usage_once
 
 
+def _mutated_values(graph: fx.Graph) -> set:
+    """Nodes whose value an in-place op may write into: the mutated argument of every mutating node
+    and, walking back along first arguments, everything it may be a view of (over-approximated)."""
+    out: set = set()
+    for m in graph.nodes:
+        if not _mutates(m):
+            continue
+        todo = [a for a in (*m.args[:1], m.kwargs.get("out")) if isinstance(a, fx.Node)]
+        while todo:
+            n = todo.pop()
+            if n in out:
+                continue
+            out.add(n)
+            if n.op in ("call_function", "call_method") and n.args and isinstance(n.args[0], fx.Node):
+                todo.append(n.args[0])
+    return out
+
+
 def _dedupe(graph: fx.Graph, report: FuseReport) -> None:
+    """Merge identical pure calls. A mutation ends the region (inputs may have changed), and a value
+    that is itself written in place later (or may be a view of one) is never merged."""
     seen: dict[Any, fx.Node] = {}
+    mutated = _mutated_values(graph)
     for node in list(graph.nodes):
-        if _ends_region(node):
+        if _ends_region(node) or _mutates(node):
             seen.clear()
             continue
-        if not _mergeable(node):
+        if not _mergeable(node) or node in mutated:
             continue
         try:
             key = (node.op, node.target, _freeze(node.args), _freeze(node.kwargs))
@@ -322,11 +345,7 @@ def fuse_graph(gm: fx.GraphModule) -> FuseReport:
     """Run the three sub-passes (module docstring) on a mohdified model's dynamo graph, in place."""
     report = FuseReport()
     graph = gm.graph
-    mutation = next((n for n in graph.nodes if _mutates(n)), None)
-    if mutation is None:
-        _dedupe(graph, report)
-    else:
-        report.not_fused.append(("routing", f"not deduplicated: the graph has an in-place op ({mutation.name})"))
+    _dedupe(graph, report)
     builder = _Builder(graph, _graph_fake_mode(graph))
     _merge_reads(graph, builder, report)
     _fuse_writes(graph, builder, report)

@@ -156,17 +156,25 @@ def test_dedupe_never_merges_random_ops_or_across_grad_mode_changes():
     assert not torch.equal(got[0], got[1]), "two rand_like calls were merged"
 
 
-def test_graph_with_an_inplace_op_is_not_deduplicated():
+def test_inplace_ops_end_the_merge_region_and_mutated_values_are_never_merged():
     g = fx.Graph()
     x = g.placeholder("x")
+    cache = g.placeholder("cache")
     a = g.call_function(torch.sin, (x,))
+    b = g.call_function(torch.sin, (x,))        # same as a, but a is written in place below
+    c1 = g.call_function(torch.cos, (x,))
+    c2 = g.call_function(torch.cos, (x,))       # merged into c1
     g.call_method("add_", (a, 1.0))
-    b = g.call_function(torch.sin, (x,))
-    g.output((a, b))
-    gm, report, expected, got = _run(g, torch.zeros(3))
-    assert report.nodes_deduplicated == 0 and report.not_fused == [
-        ("routing", "not deduplicated: the graph has an in-place op (add_)")]
+    g.call_method("mul_", (cache, 2.0))          # e.g. a static KV-cache update
+    c3 = g.call_function(torch.cos, (x,))       # a new region: kept, c4 merged into it
+    c4 = g.call_function(torch.cos, (x,))
+    g.output((a, b, c1, c2, c3, c4))
+    gm, report, expected, got = _run(g, torch.zeros(3), torch.ones(3))
+    assert report.nodes_deduplicated == 2
+    assert b in gm.graph.nodes and c2 not in gm.graph.nodes and c3 in gm.graph.nodes and c4 not in gm.graph.nodes
     assert torch.equal(got[0], torch.ones(3)) and torch.equal(got[1], torch.zeros(3))
+    for e, o in zip(expected, got):
+        assert torch.equal(e, o)
 
 
 def test_reads_group_by_input_mask_alpha_and_bias_presence():
