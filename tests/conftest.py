@@ -47,6 +47,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Compile tests start and end with empty dynamo caches and mohdify counters."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 # Test modules that run the Triton kernels on CPU tensors through the interpreter. With
 # MOHDIFY_TEST_CUDA=1 (a GPU run, interpreter off) they cannot run and are skipped, so that
 # `MOHDIFY_TEST_CUDA=1 pytest tests/codegen` runs the CUDA tests alone.

@@ -29,12 +29,7 @@ from mohdify.errors import ConfigError
 from zoo import ZOO, _ids
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _call(model, inputs):
