@@ -11,13 +11,13 @@ Each graph dynamo hands over (one per graph piece: graph breaks give several) is
     epilogue). Then it is compiled: inductor keeps the custom ops as calls, which run the kernels
     registered for the device (the reference ops on CPU), and compiles everything else;
   - a graph of a dense model is analysed (the residual branches, their readers and writers) and
-    rewritten to magnitude-routed MoHD ops (mohdify.passes.rewrite), then compiled.
+    rewritten to magnitude-routed MoHD ops (mohdify.passes.rewrite), fused the same way, then compiled.
 
 Options: torch.compile(model, backend="mohd", options={...}) with the MoHDConfig fields
 `num_groups`, `num_shared`, `top_k`, `scaling` (router is "magnitude" and fusion "none": a backend
 cannot add parameters), and `compiler`: "inductor" (default), "aot_eager" or "eager", the compiler
-the (rewritten) graph is handed to, and `fuse` (default True; False leaves a mohdified model's graph
-unfused, e.g. to compare). torch.compile hands `options` (minus the `guard_filter_fn` and
+the (rewritten) graph is handed to, and `fuse` (default True; False leaves the MoHD graph unfused, e.g.
+to compare). torch.compile hands `options` (minus the `guard_filter_fn` and
 `use_aoti` keys it takes for itself) and a non-default `mode` to the backend as keyword arguments;
 `mode` goes on to inductor as its mode options (torch.compile allows `mode` or `options`, not both).
 
@@ -155,4 +155,6 @@ def mohd_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: 
         log.info("mohd backend: branch %s: readers %s, writer %s", name, readers, writer)
     for name, why in report.skipped:
         log.info("mohd backend: left dense %s: %s", name, why)
+    if report.branches and (options or {}).get("fuse", True):
+        _fuse(gm, counts)
     return _compile(gm, example_inputs, compiler, mode)

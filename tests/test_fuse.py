@@ -7,6 +7,7 @@ fused graph holds exactly the ops expected (one route per branch, read_multi wit
 reader weights in order, write_add per branch).
 """
 
+import copy
 import operator
 
 import pytest
@@ -222,3 +223,17 @@ def test_fuse_option_must_be_a_bool():
     assert backend_config({"fuse": False, "compiler": "eager"})[1] == "eager"
     with pytest.raises(ConfigError, match="option fuse must be True or False, got 'no'"):
         backend_config({"fuse": "no"})
+
+
+def test_dense_graph_rewritten_by_the_backend_is_fused_too():
+    model, inputs = ZOO["llama"].build()
+    eager = copy.deepcopy(model)
+    mohdify.mohdify(eager, mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=2, router="magnitude"),
+                    example_inputs=inputs)
+    compiled = torch.compile(model, backend="mohd", options={"num_groups": 4, "num_shared": 1, "top_k": 2,
+                                                              "compiler": "aot_eager"})
+    assert_close(_call(compiled, inputs), _call(eager, inputs), "dense llama, mohd backend, fused")
+    c = counters["mohdify"]
+    assert (c["dense_graphs"], c["branches_rewritten"]) == (1, 4)
+    # the rewrite routes once per branch input already; q|k|v and gate|up merge, every write takes its add
+    assert (c["routes_deduplicated"], c["reads_merged"], c["read_multi"], c["writes_fused"]) == (0, 10, 4, 4)
