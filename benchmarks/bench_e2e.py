@@ -31,7 +31,6 @@ import math
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script: im
 import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
-from common import environment, format_table, report_problems, write_json  # noqa: E402
+from common import environment, format_table, report_problems, run_provider, write_json  # noqa: E402
 from e2e_models import (SHAPES, Decoder, active_width, build_model, choose_impl, count_params,  # noqa: E402
                         mohd_config, randomise_routers)
 
@@ -213,12 +212,7 @@ def run_providers(payload: dict, impl: str, providers: list, densities: list, ar
     rows = payload["rows"]
 
     def attempt(provider: str, delta, fn) -> None:
-        try:
-            row = fn()
-        except Exception as err:   # recorded with its traceback; the other providers still run
-            traceback.print_exc()
-            row = {"provider": provider, "error": f"{type(err).__name__}: {err}"}
-        row["delta"] = delta
+        row = run_provider(provider, delta, fn)
         rows.append(row)
         summarise(rows)
         write_json(out, payload)

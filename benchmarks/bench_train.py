@@ -24,7 +24,6 @@ import math
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from bench_e2e import free_memory, model_dim, transformers_version  # noqa: E402
-from common import environment, format_table, report_problems, write_json  # noqa: E402
+from common import environment, format_table, report_problems, run_provider, write_json  # noqa: E402
 from e2e_models import (SHAPES, active_width, build_model, choose_impl, count_params, mohd_config,  # noqa: E402
                         randomise_routers)
 
@@ -174,12 +173,7 @@ def main(argv=None) -> int:
     rows = payload["rows"]
 
     def attempt(provider: str, delta: float, fn) -> None:
-        try:
-            row = fn()
-        except Exception as err:   # recorded with its traceback; the other providers still run
-            traceback.print_exc()
-            row = {"provider": provider, "error": f"{type(err).__name__}: {err}"}
-        row["delta"] = delta
+        row = run_provider(provider, delta, fn)
         rows.append(row)
         dense = next((r for r in rows if r["provider"] == "dense" and "ms_per_step" in r), None)
         for r in rows:

@@ -13,6 +13,7 @@ import platform
 import statistics
 import subprocess
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -94,3 +95,15 @@ def report_problems(rows: list[dict], label) -> int:
             if r.get(kind):
                 print(f"{kind.upper()} {label(r)}: {r[kind]}")
     return 1 if any(r.get("error") for r in rows) else 0
+
+
+def run_provider(provider: str, delta, fn: Callable[[], dict]) -> dict:
+    """One provider's row: what `fn` measured, or its error (with the traceback printed), so that the
+    other providers still run; `delta` is recorded either way."""
+    try:
+        row = fn()
+    except Exception as err:   # noqa: BLE001 - any failure becomes the row's error
+        traceback.print_exc()
+        row = {"provider": provider, "error": f"{type(err).__name__}: {err}"}
+    row["delta"] = delta
+    return row
