@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .capture import module_path, node_value
+from .capture import _join, module_path, node_value
 
 __all__ = ["LinearRef", "BranchMatch", "GraphAnalysis", "analyze_graph", "LINEAR_TARGETS", "ADD_TARGETS",
            "innermost_module", "canonical"]
@@ -117,10 +117,6 @@ def innermost_module(node: fx.Node, prefix: str = "") -> tuple[str, str]:
         return "", ""
     path, cls = list(stack.values())[-1]
     return _join(prefix, module_path(path)), _cls_name(cls)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _cls_name(cls) -> str:
