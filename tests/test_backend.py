@@ -22,6 +22,7 @@ from torch._dynamo.utils import counters
 
 import mohdify
 from conftest import assert_close
+from strategies import main_output, run
 from mohdify.codegen import read_naive, write_naive
 from mohdify.modules import MoHDBranch
 from mohdify.backend import backend_config
@@ -33,10 +34,7 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _call(model, inputs):
-    out = model(*inputs) if isinstance(inputs, tuple) else model(**inputs)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return main_output(run(model, inputs))
 
 
 def _branches_logged(caplog) -> dict:

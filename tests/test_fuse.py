@@ -18,6 +18,7 @@ from torch._dynamo.utils import counters
 
 import mohdify
 from conftest import assert_close
+from strategies import main_output, run
 from mohdify.backend import mohd_backend
 from mohdify.codegen.write import write_add_naive
 from mohdify.passes.fuse import fuse_graph
@@ -38,8 +39,7 @@ pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _call(model, inputs):
-    out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    return main_output(run(model, inputs))
 
 
 def _mohdified(name):
