@@ -2,7 +2,9 @@
 
 Module level (not a graph rewrite): each reader and writer is swapped for a MoHD module that holds
 the very same weight and bias Parameters, and each branch gets a `MoHDBranch` registered as
-`<branch module>.mohd` (`mohd_1`, ... if that name is taken). The model keeps its class.
+`<branch module>.mohd` (`mohd_1`, ... if that name is taken). A container (nn.Sequential, ModuleList,
+ModuleDict) would call or iterate a new child, so a branch whose module is one is registered on the
+closest parent that is not, as `mohd_<path below it>`. The model keeps its class.
 Transactional: if any step fails, every swap already made is undone before the error propagates.
 """
 
@@ -26,12 +28,24 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), leaf
 
 
-def _free_attr(holder: nn.Module) -> str:
-    attr, i = BRANCH_ATTR, 0
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _branch_home(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(module to register the branch on, free attribute name): the branch's module, or its closest
+    ancestor that is not a container."""
+    path = name.split(".") if name else []
+    below: list[str] = []
+    holder = model.get_submodule(".".join(path)) if path else model
+    while path and isinstance(holder, _CONTAINERS):
+        below.insert(0, path.pop())
+        holder = model.get_submodule(".".join(path)) if path else model
+    base = "_".join([BRANCH_ATTR, *below])
+    attr, i = base, 0
     while hasattr(holder, attr):
         i += 1
-        attr = f"{BRANCH_ATTR}_{i}"
-    return attr
+        attr = f"{base}_{i}"
+    return holder, attr
 
 
 def apply_plan(model: nn.Module, plan: Plan, config: MoHDConfig) -> list[MoHDBranch]:
@@ -52,13 +66,14 @@ def apply_plan(model: nn.Module, plan: Plan, config: MoHDConfig) -> list[MoHDBra
                     raise RuntimeError(f"{name} is a {type(model.get_submodule(name)).__name__}, not a linear "
                                        "layer: the model changed since the plan was made")
             branch = MoHDBranch(plan.hidden_size, config, name=b.name,
-                                dtype=writer.weight.dtype, device=writer.weight.device)
-            holder = model.get_submodule(b.name) if b.name else model
-            swap(holder, _free_attr(holder), branch)
+                                dtype=writer.weight.dtype, device=writer.weight.device).train(writer.training)
+            swap(*_branch_home(model, b.name), branch)
             for name in b.readers:
                 layer = model.get_submodule(name)
-                swap(*_parent(model, name), MoHDReader(layer, branch, transposed=not isinstance(layer, nn.Linear)))
-            swap(*_parent(model, b.writer), MoHDWriter(writer, branch, transposed=not isinstance(writer, nn.Linear)))
+                reader = MoHDReader(layer, branch, transposed=not isinstance(layer, nn.Linear)).train(layer.training)
+                swap(*_parent(model, name), reader)
+            new_writer = MoHDWriter(writer, branch, transposed=not isinstance(writer, nn.Linear)).train(writer.training)
+            swap(*_parent(model, b.writer), new_writer)
             made.append(branch)
     except BaseException:
         for holder, attr, old in reversed(undo):
@@ -80,11 +95,16 @@ def is_mohdified(model: nn.Module) -> bool:
 
 
 def remove_mohd(model: nn.Module) -> None:
-    """Put the original layers back and remove the branches (their routers and fusion matrices)."""
+    """Put the original layers back, with the Parameters the MoHD layers hold now (whatever replaced
+    them since the rewrite: `load_state_dict(assign=True)`, `.to()`, parametrizations), and remove
+    the branches (their routers and fusion matrices)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, _MoHDLinear):
             holder, attr = _parent(model, name)
-            setattr(holder, attr, module.original)
+            original = module.original
+            original.weight = module.weight
+            original.bias = module.bias
+            setattr(holder, attr, original)
     for name, module in list(model.named_modules()):
         if isinstance(module, MoHDBranch):
             holder, attr = _parent(model, name)

@@ -5,6 +5,7 @@ import torch
 
 import mohdify
 from mohdify.modules import MoHDBranch, MoHDReader, MoHDWriter
+from mohdify.routing import balance_loss
 from zoo import ZOO
 
 CFG = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1)   # density 0.5
@@ -69,7 +70,8 @@ def test_graph_shows_named_mohd_ops_and_runs():
     for i in range(2):
         assert f"mohd_read__transformer_h_{i}_attn_c_attn" in names
         assert f"mohd_write__transformer_h_{i}_attn_c_proj" in names
-        assert f"mohd_route__transformer_h_{i}_mlp_c_fc" in names
+        assert f"mohd_route__transformer_h_{i}_mlp" in names
+        assert f"mohd_route__transformer_h_{i}_attn" in names
         assert f"mohd_write__transformer_h_{i}_mlp_c_proj" in names
     assert len(names) == 4 * 3
     assert "mohdify.read" in gm.code or "mohdify.read" in str(gm.graph)
@@ -77,7 +79,9 @@ def test_graph_shows_named_mohd_ops_and_runs():
     ref = model(**inputs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     assert torch.equal(logits, ref.logits)
-    assert all(b.gates is not None for b in mohdify.branches(model))   # the eager call above
+    summary = gm.summary()
+    assert summary.splitlines()[0] == "MoHD graph: 4 routings, 4 reads, 4 writes"
+    assert "transformer.h.1.mlp:\n  route\n  read  transformer.h.1.mlp.c_fc\n  write transformer.h.1.mlp.c_proj" in summary
 
 
 def test_graph_requires_a_mohdified_model():
@@ -93,17 +97,19 @@ def test_aux_loss_value_matches_the_spec_formula():
     g = torch.Generator().manual_seed(3)
     for b in mohdify.branches(model):
         b.router.data = torch.randn(b.router.shape, generator=g)
+    model.train()   # balance losses are kept in training mode
     model(*inputs)
     expected = 0.0
     for b in mohdify.branches(model):
-        assert b.last_aux_loss is not None and b.last_aux_loss.requires_grad
-        expected = expected + 0.5 * b.last_aux_loss
+        assert len(b.balance_log.items) == 1 and b.balance_log.items[0].requires_grad
+        expected = expected + 0.5 * b.balance_log.items[0]
     assert torch.equal(mohdify.aux_loss(model), expected)
+    assert all(not b.balance_log.items for b in mohdify.branches(model))   # taken
     # with all tokens on one group, f = (1, 0, 0) and the loss is N_r * P_0 per branch
     branch = mohdify.branches(model)[0]
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]])
     topk = torch.tensor([[0], [0]])
-    assert torch.allclose(branch.balance_loss(probs, topk), torch.tensor(3 * 0.6))
+    assert torch.allclose(balance_loss(probs, topk), torch.tensor(3 * 0.6))
 
 
 def test_magnitude_router_has_no_parameters_and_zero_aux_loss():

@@ -256,10 +256,10 @@ def test_functional_linears_are_named_after_their_weights(caplog):
     # the same math by hand, with MoHDBranch's own routing and the reference ops
     branch = MoHDBranch(16, mohdify.MoHDConfig(router="magnitude", **options))
     x2 = F.layer_norm(x, (16,)).reshape(-1, 16)
-    mask, alpha = branch.route(x2)
+    routing = branch.route(x2)
     with torch.no_grad():
-        up = read_naive(x2, model.w_up, None, mask, alpha)
-        expected = x + write_naive(torch.relu(up), model.w_down, None, branch.gates, None).view(3, 5, 16)
+        up = read_naive(x2, model.w_up, None, routing.mask, routing.scale)
+        expected = x + write_naive(torch.relu(up), model.w_down, None, routing.gates, None).view(3, 5, 16)
     assert_close(got, expected, "functional model (F.linear on Parameters) vs MoHDBranch + reference ops")
 
 

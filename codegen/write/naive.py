@@ -25,7 +25,7 @@ def write_naive(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor
     """
     num_tokens, num_groups = gates.shape                                      # T, N
     z = F.linear(u, weight, bias)                                             # [T, D]
-    zg = z.view(num_tokens, num_groups, -1) * gates[:, :, None].to(z.dtype)   # [T, N, G]
+    zg = z.view(num_tokens, num_groups, z.shape[1] // num_groups) * gates[:, :, None].to(z.dtype)  # [T, N, G]
     if fusion is not None:
         zg = torch.einsum("ij,tjg->tig", fusion.to(z.dtype), zg)              # [T, N, G]
     return zg.reshape(num_tokens, -1)                                         # [T, D]
@@ -35,9 +35,10 @@ def write_backward_naive(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional
                          fusion: Optional[Tensor]):
     """Gradients of `write_naive` w.r.t. (u, weight, bias, gates, fusion); `grad` is `[T, D]`."""
     num_tokens, num_groups = gates.shape                                      # T, N
-    z = F.linear(u, weight, bias).view(num_tokens, num_groups, -1)            # [T, N, G]
+    z = F.linear(u, weight, bias)                                             # [T, D]
+    z = z.view(num_tokens, num_groups, z.shape[1] // num_groups)             # [T, N, G]
     g = gates[:, :, None].to(z.dtype)                                         # [T, N, 1]
-    grad3 = grad.view(num_tokens, num_groups, -1)                             # [T, N, G]
+    grad3 = grad.view(num_tokens, num_groups, grad.shape[1] // num_groups)    # [T, N, G]
     grad_fusion = None
     if fusion is not None:
         grad_fusion = torch.einsum("tig,tjg->ij", grad3, z * g).to(fusion.dtype)  # [N, N]
