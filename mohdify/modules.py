@@ -95,24 +95,27 @@ class MoHDBranch(nn.Module):
         return (f"{self.name or 'branch'}: D={self.hidden_size}, groups={c.num_groups}x{self.group_size}, "
                 f"shared={c.num_shared}, top_k={c.top_k}, router={c.router}, scaling={c.scaling}, fusion={c.fusion}")
 
-    def records_balance(self) -> bool:
-        """Whether an application now keeps its balance loss: a learned router that requires grad, in
-        a pass with autograd on or in training mode (the no-grad forward of reentrant checkpointing),
-        outside inference mode and outside a backward pass (where activation checkpointing recomputes
-        a forward whose loss was already kept)."""
+    def computes_balance(self) -> bool:
+        """Whether an application computes its balance loss: a learned router that requires grad, in a
+        pass with autograd on or in training mode (the no-grad forward of reentrant checkpointing),
+        outside inference mode."""
         if self.router is None or not self.router.requires_grad:
             return False
         if not (torch.is_grad_enabled() or self.training):
             return False
-        if torch.compiler.is_compiling():   # a compiled forward: the checks below cannot be traced
-            return True
-        return not torch.is_inference_mode_enabled() and torch._C._current_graph_task_id() == -1
+        return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
+
+    @staticmethod
+    def in_backward() -> bool:
+        """Whether this forward is a recomputation inside a backward pass (activation checkpointing):
+        it computes what the forward computed (checkpointing checks that) but keeps no loss."""
+        return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
     def route(self, x: Tensor) -> Routing:
         """The routing of the branch input `x` `[T, D]` (see `mohdify.routing.route_tokens`)."""
         c = self.config
         return route_tokens(x, self.router, self.shared_idx, self.routed_idx, c.top_k, c.scaling, c.density,
-                            balance=self.records_balance())
+                            balance=self.computes_balance())
 
     def routing_for(self, x: Tensor) -> tuple[Tensor, Routing]:
         """A reader's view: (`x` as `[T, D]`, the routing of this application), computed by the first
@@ -134,7 +137,7 @@ class MoHDBranch(nn.Module):
                 f"MoHD writer of branch {self.name!r} ran before any of its readers: the branch has no "
                 "routing for this application. Readers must run before their writer.")
         routing = held[2]
-        if routing.balance is not None:
+        if routing.balance is not None and not self.in_backward():
             self.balance_log.add(routing.balance, self.name)
         return routing
 

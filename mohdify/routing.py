@@ -88,10 +88,11 @@ def route_tokens(x: Tensor, router: Optional[Tensor], shared_idx: Tensor, routed
         chosen = probs.gather(1, topk)                                       # [T, k]
         g = top_k * chosen / chosen.sum(-1, keepdim=True)                    # [T, k]
         gates = gates.scatter(1, routed_idx[topk], g.to(x.dtype))            # [T, N]
-        if balance:
-            if not probs.requires_grad and router.requires_grad:
-                with torch.enable_grad():
-                    probs = torch.softmax(F.linear(x.detach(), router).float(), dim=-1)
+        if balance and not probs.requires_grad and router.requires_grad:
+            with torch.enable_grad():
+                probs = torch.softmax(F.linear(x.detach(), router).float(), dim=-1)   # [T, N_r]
+                loss = balance_loss(probs, topk)
+        elif balance:
             loss = balance_loss(probs, topk)
     return Routing(mask, activation_scale(x, mask, scaling, density, group_size), gates, loss)
 
