@@ -222,18 +222,14 @@ class _Bound(nn.Module):
         return self.model(*args, **kwargs, **self.fixed)
 
 
-_OP_NAMES = {"mohdify.route.default": "route", "mohdify.read.default": "read", "mohdify.write.default": "write"}
-
-
 def _name_mohd_nodes(gm: fx.GraphModule, model: nn.Module, prefix: str) -> list[tuple[str, str, str]]:
     """Name each MoHD op node after its layer (read, write) or branch (route); returns
     (kind, layer or branch, branch) per MoHD node in graph order."""
     from mohdify.passes.analyze import innermost_module
+    from mohdify.passes.targets import mohd_op_kind, mohd_op_nodes
     found = []
-    for node in gm.graph.nodes:
-        kind = _OP_NAMES.get(str(node.target))
-        if node.op != "call_function" or kind is None:
-            continue
+    for node in mohd_op_nodes(gm.graph):
+        kind = mohd_op_kind(node.target)
         fqn, _ = innermost_module(node)
         fqn = fqn[len(prefix) + 1:] if fqn.startswith(prefix + ".") else fqn
         layer = model.get_submodule(fqn) if fqn else None

@@ -40,7 +40,8 @@ from torch import fx
 from mohdify.config import MoHDConfig
 from mohdify.errors import ConfigError
 from mohdify.passes.fuse import fuse_graph
-from mohdify.passes.rewrite import mohd_op_nodes, rewrite_graph
+from mohdify.passes.rewrite import rewrite_graph
+from mohdify.passes.targets import mohd_op_nodes
 
 __all__ = ["mohd_backend", "backend_config", "COMPILERS", "CONFIG_OPTIONS"]
 

@@ -28,7 +28,7 @@ from mohdify.codegen import write as write_op
 from .config import MoHDConfig
 from .routing import SLOTS, Routing, route_tokens
 
-__all__ = ["MoHDBranch", "MoHDReader", "MoHDWriter", "BalanceLog"]
+__all__ = ["MoHDBranch", "MoHDLinear", "MoHDReader", "MoHDWriter", "BalanceLog"]
 
 
 class BalanceLog:
@@ -142,7 +142,7 @@ class MoHDBranch(nn.Module):
         return routing
 
 
-class _MoHDLinear(nn.Module):
+class MoHDLinear(nn.Module):
     """Shared base: holds the original layer's Parameters and a reference to its branch."""
 
     def __init__(self, original: nn.Module, branch: MoHDBranch, *, transposed: bool):
@@ -165,7 +165,7 @@ class _MoHDLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, branch={self.branch.name}"
 
 
-class MoHDReader(_MoHDLinear):
+class MoHDReader(MoHDLinear):
     """A linear reading the branch input: y = alpha * W[:, A] x[A] + b."""
 
     def forward(self, x: Tensor) -> Tensor:
@@ -175,7 +175,7 @@ class MoHDReader(_MoHDLinear):
         return y.view(*lead, self.out_features)
 
 
-class MoHDWriter(_MoHDLinear):
+class MoHDWriter(MoHDLinear):
     """A linear writing the residual stream: only the rows of active groups, gated and fused."""
 
     def forward(self, u: Tensor) -> Tensor:

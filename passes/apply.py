@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from mohdify.config import MoHDConfig
-from mohdify.modules import MoHDBranch, MoHDReader, MoHDWriter, _MoHDLinear
+from mohdify.modules import MoHDBranch, MoHDLinear, MoHDReader, MoHDWriter
 from mohdify.plan import Plan
 
 from .find import is_linear_layer
@@ -91,7 +91,7 @@ def mohd_branches(model: nn.Module) -> list[MoHDBranch]:
 
 
 def is_mohdified(model: nn.Module) -> bool:
-    return any(isinstance(m, (MoHDBranch, _MoHDLinear)) for m in model.modules())
+    return any(isinstance(m, (MoHDBranch, MoHDLinear)) for m in model.modules())
 
 
 def remove_mohd(model: nn.Module) -> None:
@@ -99,7 +99,7 @@ def remove_mohd(model: nn.Module) -> None:
     them since the rewrite: `load_state_dict(assign=True)`, `.to()`, parametrizations), and remove
     the branches (their routers and fusion matrices)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, _MoHDLinear):
+        if isinstance(module, MoHDLinear):
             holder, attr = _parent(model, name)
             original = module.original
             original.weight = module.weight

@@ -47,12 +47,11 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import mohdify.codegen  # noqa: F401 - registers torch.ops.mohdify.*
 
 from .capture import node_value
-from .rewrite import _Builder, _graph_fake_mode, unflatten_tokens
+from .rewrite import GraphBuilder, graph_fake_mode, unflatten_tokens
+from .targets import mohd_op_kind, mohd_op_nodes
 
 __all__ = ["FuseReport", "fuse_graph"]
 
-READ = (torch.ops.mohdify.read.default, torch.ops.mohdify.read)
-WRITE = (torch.ops.mohdify.write.default, torch.ops.mohdify.write)
 _RANDOM_OR_UNINIT = re.compile(r"rand|dropout|bernoulli|multinomial|normal|uniform|poisson|exponential|cauchy|"
                                r"geometric|empty")
 _INPLACE_OPERATORS = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
@@ -142,10 +141,10 @@ def _hoist(args: list, first: fx.Node, order: dict) -> bool:
     return True
 
 
-def _merge_reads(graph: fx.Graph, b: _Builder, report: FuseReport) -> None:
+def _merge_reads(graph: fx.Graph, b: GraphBuilder, report: FuseReport) -> None:
     groups: dict[tuple, list[fx.Node]] = {}
     for n in graph.nodes:
-        if n.op == "call_function" and n.target in READ and len(n.args) == 5 and not n.kwargs:
+        if n.op == "call_function" and mohd_op_kind(n.target) == "read" and len(n.args) == 5 and not n.kwargs:
             x, _, bias, mask, alpha = n.args
             groups.setdefault((x, mask, alpha, bias is None), []).append(n)
     mutations = [n for n in graph.nodes if _mutates(n)]
@@ -235,9 +234,9 @@ def _residual_add(w: fx.Node) -> Optional[tuple[fx.Node, fx.Node, list[fx.Node]]
     return add, h, chain
 
 
-def _fuse_writes(graph: fx.Graph, b: _Builder, report: FuseReport) -> None:
+def _fuse_writes(graph: fx.Graph, b: GraphBuilder, report: FuseReport) -> None:
     mutations = [n for n in graph.nodes if _mutates(n)]
-    for w in [n for n in graph.nodes if n.op == "call_function" and n.target in WRITE]:
+    for w in mohd_op_nodes(graph, ("write",)):
         found = _residual_add(w) if len(w.args) == 5 and not w.kwargs else None
         if found is None:
             continue
@@ -263,7 +262,7 @@ def fuse_graph(gm: fx.GraphModule) -> FuseReport:
     """Run the two sub-passes (module docstring) on a mohdified model's dynamo graph, in place."""
     report = FuseReport()
     graph = gm.graph
-    builder = _Builder(graph, _graph_fake_mode(graph))
+    builder = GraphBuilder(graph, graph_fake_mode(graph))
     _merge_reads(graph, builder, report)
     _fuse_writes(graph, builder, report)
     graph.lint()

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
@@ -47,13 +46,10 @@ from mohdify.routing import route_tokens
 from .analyze import BranchMatch, LinearRef, analyze_graph, innermost_module
 from .capture import module_path, node_value
 from .find import _common_parent, _skip_reasons
+from .targets import ADDMM_FNS, LINEAR_FNS
 
-__all__ = ["RewriteReport", "dynamo_resolver", "rewrite_graph", "mohd_op_nodes", "unflatten_tokens", "MOHD_OPS"]
+__all__ = ["RewriteReport", "GraphBuilder", "dynamo_resolver", "graph_fake_mode", "rewrite_graph", "unflatten_tokens"]
 
-LINEAR_FNS = (torch._C._nn.linear, F.linear)    # (input, weight, bias), weight [O, I]
-ADDMM_FNS = (torch.addmm,)                      # (bias, input, weight), weight [I, O]
-MOHD_OPS = {torch.ops.mohdify.route.default, torch.ops.mohdify.read.default, torch.ops.mohdify.write.default,
-            torch.ops.mohdify.route, torch.ops.mohdify.read, torch.ops.mohdify.write}
 
 
 @dataclass
@@ -68,11 +64,6 @@ class RewriteReport:
     @property
     def readers(self) -> int:
         return sum(len(r) for _, r, _ in self.branches)
-
-
-def mohd_op_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """Calls of torch.ops.mohdify.route/read/write in a graph (a mohdified model's graph has them)."""
-    return [n for n in graph.nodes if n.op == "call_function" and n.target in MOHD_OPS]
 
 
 def unflatten_tokens(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -144,7 +135,7 @@ def dynamo_resolver(gm: fx.GraphModule) -> Callable[[fx.Node], Optional[LinearRe
     return resolve
 
 
-class _Builder:
+class GraphBuilder:
     """Inserts nodes and gives each its fake example value and the module stack it stands for."""
 
     def __init__(self, graph: fx.Graph, fake_mode):
@@ -174,7 +165,7 @@ def _tokens_match(x: fx.Node, x_width: int, u: fx.Node, u_width: int) -> bool:
     return bool(statically_known_true(xv.numel() // x_width == uv.numel() // u_width))
 
 
-def _route(b: _Builder, x: fx.Node, hidden: int, config: MoHDConfig, before: fx.Node) -> tuple:
+def _route(b: GraphBuilder, x: fx.Node, hidden: int, config: MoHDConfig, before: fx.Node) -> tuple:
     """Insert the magnitude routing of branch input x before `before`: (x2, mask, scale, gates)."""
     val = node_value(x)
     with b.graph.inserting_before(before):
@@ -189,7 +180,7 @@ def _route(b: _Builder, x: fx.Node, hidden: int, config: MoHDConfig, before: fx.
     return x2, mask, (scale if config.scaling != "none" else None), gates
 
 
-def _replace_reader(b: _Builder, ref: LinearRef, x2: fx.Node, mask: fx.Node, alpha: Optional[fx.Node]) -> None:
+def _replace_reader(b: GraphBuilder, ref: LinearRef, x2: fx.Node, mask: fx.Node, alpha: Optional[fx.Node]) -> None:
     x, w, bias, transposed = _linear_parts(ref.node)
     with b.graph.inserting_before(ref.node):
         weight = b.node("call_method", "t", (w,), ref.node) if transposed else w          # [O, D]
@@ -199,7 +190,7 @@ def _replace_reader(b: _Builder, ref: LinearRef, x2: fx.Node, mask: fx.Node, alp
     b.graph.erase_node(ref.node)
 
 
-def _replace_writer(b: _Builder, ref: LinearRef, gates: fx.Node) -> None:
+def _replace_writer(b: GraphBuilder, ref: LinearRef, gates: fx.Node) -> None:
     u, w, bias, transposed = _linear_parts(ref.node)
     with b.graph.inserting_before(ref.node):
         u2 = b.node("call_method", "reshape", (u, -1, ref.in_features), ref.node)         # [T, I]
@@ -210,7 +201,7 @@ def _replace_writer(b: _Builder, ref: LinearRef, gates: fx.Node) -> None:
     b.graph.erase_node(ref.node)
 
 
-def _rewrite_branch(b: _Builder, m: BranchMatch, hidden: int, config: MoHDConfig, order: dict) -> None:
+def _rewrite_branch(b: GraphBuilder, m: BranchMatch, hidden: int, config: MoHDConfig, order: dict) -> None:
     readers = sorted(m.readers, key=lambda r: order[r.node])
     routed: dict[fx.Node, tuple] = {}
     for r in readers:
@@ -222,7 +213,7 @@ def _rewrite_branch(b: _Builder, m: BranchMatch, hidden: int, config: MoHDConfig
     _replace_writer(b, m.writer, routed[last.input][3])
 
 
-def _graph_fake_mode(graph: fx.Graph):
+def graph_fake_mode(graph: fx.Graph):
     """The fake mode of the graph's example values (new nodes' values must come from the same one)."""
     from torch._subclasses.fake_tensor import FakeTensor
     for n in graph.nodes:
@@ -245,7 +236,7 @@ def rewrite_graph(gm: fx.GraphModule, config: MoHDConfig) -> RewriteReport:
     hidden = analysis.hidden_size
     config.check_hidden_size(hidden)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    builder = _Builder(gm.graph, _graph_fake_mode(gm.graph))
+    builder = GraphBuilder(gm.graph, graph_fake_mode(gm.graph))
     claimed: set[fx.Node] = set()
     for m in sorted(analysis.branches, key=lambda m: order[m.writer.node]):
         names = [r.fqn for r in m.readers]
