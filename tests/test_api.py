@@ -74,7 +74,7 @@ def test_graph_shows_named_mohd_ops_and_runs():
         assert f"mohd_route__transformer_h_{i}_attn" in names
         assert f"mohd_write__transformer_h_{i}_mlp_c_proj" in names
     assert len(names) == 4 * 3
-    assert "mohdify.read" in gm.code or "mohdify.read" in str(gm.graph)
+    assert gm.code.count("torch.ops.mohdify.read.default(") == 4
     out = gm(**inputs)
     ref = model(**inputs)
     logits = out.logits if hasattr(out, "logits") else out[0]
@@ -156,3 +156,57 @@ def test_hf_save_pretrained_round_trip(tmp_path):
     missing, unexpected = fresh.load_state_dict(saved, strict=False)
     assert unexpected == [] and set(missing) <= {"lm_head.weight"}   # tied to the embeddings
     assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+
+
+def test_graph_of_llama_has_one_routing_per_branch_application():
+    model, inputs = ZOO["llama"].build()
+    mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=8, num_shared=2, top_k=2), example_inputs=inputs)
+    gm = mohdify.graph(model, inputs)
+    kinds = [n.name.split("__")[0] for n in gm.graph.nodes if n.name.startswith("mohd_")]
+    assert (kinds.count("mohd_route"), kinds.count("mohd_read"), kinds.count("mohd_write")) == (4, 10, 4)
+    lines = gm.summary().splitlines()
+    assert lines[:6] == ["MoHD graph: 4 routings, 10 reads, 4 writes", "model.layers.0.self_attn:", "  route",
+                         "  read  model.layers.0.self_attn.q_proj", "  read  model.layers.0.self_attn.k_proj",
+                         "  read  model.layers.0.self_attn.v_proj"]
+    assert len(lines) == 1 + 4 * 2 + 10 + 4
+
+
+class _SequentialMLP(torch.nn.Module):
+    """A pre-norm block whose MLP is an nn.Sequential(Linear, GELU, Linear)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+
+    def forward(self, h):
+        return h + self.mlp(self.norm(h))
+
+
+def test_a_branch_inside_nn_sequential_is_not_called_by_it():
+    model = _SequentialMLP().eval()
+    x = torch.randn(2, 5, 32)
+    dense = model(x)
+    mohdify.mohdify(model, mohdify.MoHDConfig.dense(num_groups=4, num_shared=1), example_inputs=(x,))
+    assert [type(m).__name__ for m in model.mlp] == ["MoHDReader", "GELU", "MoHDWriter"]
+    assert isinstance(model.mohd_mlp, MoHDBranch) and "mohd.router" not in str(list(model.state_dict()))
+    assert "mohd_mlp.router" in model.state_dict()
+    assert torch.allclose(model(x), dense, atol=1e-6)
+    gm = mohdify.graph(model, (x,))
+    assert "mohd_route__mlp" in [n.name for n in gm.graph.nodes]
+    mohdify.demohdify(model)
+    assert [type(m).__name__ for m in model.mlp] == ["Linear", "GELU", "Linear"] and not hasattr(model, "mohd_mlp")
+
+
+def test_a_rewrite_that_cannot_run_is_rolled_back(monkeypatch):
+    model, inputs = ZOO["nanogpt"].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(self, u):
+        raise RuntimeError("injected: the writer cannot run")
+    monkeypatch.setattr(MoHDWriter, "forward", broken)
+    with pytest.raises(mohdify.UnsupportedModelError, match="failed on example_inputs .*injected.*restored"):
+        mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1), example_inputs=inputs)
+    assert not mohdify.branches(model) and "mohd_plan" not in vars(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
