@@ -19,7 +19,8 @@ from mohdify.config import MoHDConfig
 from mohdify.errors import UnsupportedModelError
 from mohdify.plan import Branch, Plan
 
-from .analyze import LINEAR_TARGETS, GraphAnalysis, LinearRef, analyze_graph, innermost_module
+from .analyze import GraphAnalysis, LinearRef, analyze_graph
+from .graphview import EINSUM_TARGETS, LINEAR_METHODS, LINEAR_TARGETS, innermost_module
 from .capture import capture, node_value
 
 __all__ = ["is_linear_layer", "linear_features", "find_plan", "module_resolver", "NOT_CAPTURED"]
@@ -44,38 +45,88 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return int(in_f), int(out_f)
 
 
-def module_resolver(modules: dict[str, nn.Module], prefix: str) -> Callable[[fx.Node], Optional[LinearRef]]:
-    """Recognise calls of the model's linear layers in a graph.
+_WEIGHT_STEPS = 8   # ops between a parameter and the weight operand: t, transpose, permute, slice, view
 
-    A call is a linear/addmm/mm/matmul traced inside a linear layer whose weight operand has the
-    layer's weight shape, or its transpose for nn.Linear subclasses that compute `x @ W.T` (Falcon).
-    """
-    def resolve(node: fx.Node) -> Optional[LinearRef]:
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
+
+def _weight_param(w, params: dict[str, str]) -> Optional[str]:
+    """The qualified name of the parameter a weight operand is (through transposes, slices, views)."""
+    for _ in range(_WEIGHT_STEPS):
+        if not isinstance(w, fx.Node):
             return None
-        fqn, _ = innermost_module(node, prefix)
-        module = modules.get(fqn)
-        if module is None or not is_linear_layer(module):
+        if w.op in ("placeholder", "get_attr"):
+            return params.get(w.name) or (str(w.target) if w.op == "get_attr" else None)
+        if w.op not in ("call_function", "call_method") or not w.args:
             return None
+        w = w.args[0]
+    return None
+
+
+def _operands(node: fx.Node, is_param: Callable[[Any], bool]) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(input, weight) of a linear/addmm/mm/matmul/einsum node whose weight is a parameter, else None."""
+    if node.op == "call_function" and node.target in LINEAR_TARGETS:
         in_idx, w_idx = LINEAR_TARGETS[node.target]
-        if len(node.args) <= max(in_idx, w_idx) or not isinstance(node.args[in_idx], fx.Node):
+        args = node.args
+    elif node.op == "call_method" and node.target in LINEAR_METHODS:
+        (in_idx, w_idx), args = LINEAR_METHODS[node.target], node.args
+    elif node.op == "call_function" and node.target in EINSUM_TARGETS:
+        ops = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        if len(ops) != 2:
             return None
-        weight = node.args[w_idx]
-        val = node_value(weight) if isinstance(weight, fx.Node) else None
-        x = node_value(node.args[in_idx])
-        if val is None or x is None or x.dim() == 0:
+        in_idx, w_idx, args = (0, 1, ops) if is_param(ops[1]) else (1, 0, ops)
+    else:
+        return None
+    if len(args) <= max(in_idx, w_idx) or not isinstance(args[in_idx], fx.Node) or not is_param(args[w_idx]):
+        return None
+    return args[in_idx], args[w_idx]
+
+
+def module_resolver(modules: dict[str, nn.Module], prefix: str,
+                    params: Optional[dict[str, str]] = None) -> Callable[[fx.Node], Optional[LinearRef]]:
+    """Recognise the linear maps of a graph: products of an activation with a 2-D weight parameter.
+
+    `params` maps placeholder names to parameters' qualified names (CapturedGraph.params). A product
+    traced inside a linear layer with that layer's own weight is a layer call (`LinearRef.layer`);
+    any other (x @ W.T in a parent module, einsum, F.linear on a slice, a bare nn.Parameter) is a
+    weight product, found so that the plan can say why it stays dense. Stacked (3-D) expert weights
+    are not linear maps here (see `_weight_products`).
+    """
+    params = params or {}
+    named = {name: p for name, p in _named_params(modules)}
+
+    def is_param(w) -> bool:
+        name = _weight_param(w, params)
+        return name is not None and name in named and named[name].dim() == 2
+
+    def resolve(node: fx.Node) -> Optional[LinearRef]:
+        ops = _operands(node, is_param)
+        if ops is None:
             return None
-        in_f, out_f = linear_features(module)
-        shape, stored = tuple(val.shape), tuple(module.weight.shape)
-        is_linear_call = node.target in (torch.ops.aten.linear.default, torch._C._nn.linear, F.linear)
-        if shape == stored and (is_linear_call or not isinstance(module, nn.Linear) or in_f == out_f):
-            pass   # F.linear(x, W), Conv1D's addmm(b, x, W), or a square weight either way
-        elif not (shape == stored[::-1] and isinstance(module, nn.Linear) and not is_linear_call):
-            return None   # a matmul inside the module that is not its weight product
-        if int(x.shape[-1]) != in_f:
+        x, w = ops
+        xv, wv, yv = node_value(x), node_value(w), node_value(node)
+        if not all(isinstance(v, torch.Tensor) for v in (xv, wv, yv)) or wv.dim() != 2 or xv.dim() == 0:
             return None
-        return LinearRef(node, node.args[in_idx], fqn, in_f, out_f)
+        in_f, out_f = int(xv.shape[-1]), int(yv.shape[-1])
+        if sorted((in_f, out_f)) != sorted(int(d) for d in wv.shape):
+            return None
+        pname = _weight_param(w, params)
+        owner, _, attr = pname.rpartition(".")
+        module, param = modules.get(owner), named[pname]
+        here, _ = innermost_module(node, prefix)
+        layer = modules.get(here)
+        if layer is not None and is_linear_layer(layer) and layer.weight is param:   # tied weights too
+            stored = tuple(layer.weight.shape)
+            if tuple(wv.shape) in (stored, stored[::-1]) and (in_f, out_f) == linear_features(layer):
+                return LinearRef(node, x, here, in_f, out_f)
+        if module is not None and is_linear_layer(module) and attr == "weight":
+            return LinearRef(node, x, owner, in_f, out_f, layer=False, where=here or "the model's own forward")
+        return LinearRef(node, x, owner or pname, in_f, out_f, layer=False, where=pname)
     return resolve
+
+
+def _named_params(modules: dict[str, nn.Module]):
+    for name, module in modules.items():
+        for attr, p in module.named_parameters(recurse=False):
+            yield (f"{name}.{attr}" if name else attr), p
 
 
 def _common_parent(names: list[str]) -> str:
@@ -88,6 +139,17 @@ def _common_parent(names: list[str]) -> str:
     if common == parts[0] and len(names) == 1:
         common = common[:-1]
     return ".".join(common)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _holder(name: str, modules: dict[str, nn.Module]) -> str:
+    """The closest module at or above `name` that is not a container (nn.Sequential, nn.ModuleList,
+    nn.ModuleDict): a branch is named after it, and its router lives there, where no container calls it."""
+    while name and isinstance(modules.get(name), _CONTAINERS):
+        name = name.rpartition(".")[0]
+    return name
 
 
 def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
@@ -105,7 +167,7 @@ def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
             reasons[lin.fqn] = (f"inner layer (in_features={lin.in_features}, out_features={lin.out_features}, "
                                 f"hidden size {hidden}): neither a reader nor a writer")
             continue
-        reached = _reach(lin.node, linear_nodes, writers | adds)
+        reached = _reach(analysis.view, lin.node, linear_nodes, writers | adds)
         if reached & writers:
             reasons[lin.fqn] = ("reads a stream other than its branch's input (e.g. cross-attention k/v "
                                 "reading the encoder output); left dense")
@@ -118,9 +180,10 @@ def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
     return reasons
 
 
-def _reach(start: fx.Node, linear_nodes: set, targets: set, limit: int = 2000) -> set:
+def _reach(view, start: fx.Node, linear_nodes: set, targets: set, limit: int = 2000) -> set:
     """The nodes of `targets` reached from `start` without passing through another linear layer."""
-    seen, todo, hit = {start}, list(start.users), set()
+    users = view.users if view is not None else (lambda n: list(n.users))
+    seen, todo, hit = {start}, users(start), set()
     while todo and len(seen) < limit:
         n = todo.pop()
         if n in seen:
@@ -130,8 +193,28 @@ def _reach(start: fx.Node, linear_nodes: set, targets: set, limit: int = 2000) -
             hit.add(n)
             continue
         if n not in linear_nodes:
-            todo.extend(n.users)
+            todo.extend(users(n))
     return hit
+
+
+def _product_reasons(analysis: GraphAnalysis, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Why each weight product that is not a linear layer's own call (LinearRef.layer False) stays dense."""
+    out = {}
+    for lin in analysis.linears:
+        if lin.layer or lin.fqn in out:
+            continue
+        module = modules.get(lin.fqn)
+        if module is not None and is_linear_layer(module):
+            out[lin.fqn] = (f"its weight is multiplied outside the layer's own forward (in {lin.where}: x @ W, "
+                            "einsum or F.linear on the weight or a slice of it), so a MoHD layer in its place would "
+                            "never be called; left dense")
+        else:
+            owner = type(module).__name__ if module is not None else "the model"
+            attr = lin.where.rpartition(".")[2]
+            out[lin.fqn] = (f"{owner} multiplies activations by its parameter {attr!r} but is not an nn.Linear "
+                            "(an MoE router, a tied embedding head, or weights kept as bare nn.Parameters); "
+                            "MoHD swaps nn.Linear layers only; left dense")
+    return out
 
 
 def _weight_products(graph, resolve, params: dict[str, str], modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -175,7 +258,7 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
     config = config or MoHDConfig()
     cap = capture(model, example_inputs)
     modules = dict(model.named_modules())
-    resolvers = [module_resolver(modules, g.prefix) for g in cap.graphs]
+    resolvers = [module_resolver(modules, g.prefix, g.params) for g in cap.graphs]
     analyses = [analyze_graph(g.graph, r, g.prefix) for g, r in zip(cap.graphs, resolvers)]
     hiddens = [a.hidden_size for a in analyses if a.hidden_size]
     if not hiddens:
@@ -191,6 +274,8 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
     reader_owner: dict[str, str] = {}
     for a in analyses:
         for name, why in a.skipped:   # the analysis's specific reasons first
+            skipped.setdefault(name, why)
+        for name, why in _product_reasons(a, modules).items():
             skipped.setdefault(name, why)
         for name, why in _skip_reasons(a).items():
             skipped.setdefault(name, why)
@@ -217,7 +302,23 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
     if match.writer.out_features != hidden:
         skipped.setdefault(writer, f"writes width {match.writer.out_features}, not the hidden size {hidden}")
         return
-    readers = list(dict.fromkeys(r.fqn for r in match.readers))
+    if not match.writer.layer:
+        for r in match.readers:
+            if r.layer:
+                skipped.setdefault(r.fqn, f"reads the input of a residual branch whose writer ({writer}) is a weight "
+                                          "product, not a linear layer called as a module; the branch is left dense")
+        return   # the writer's own reason comes from _product_reasons
+    products = [r.fqn for r in match.readers if not r.layer]
+    readers = list(dict.fromkeys(r.fqn for r in match.readers if r.layer))
+    if not readers:
+        skipped[writer] = (f"every reader of its branch ({', '.join(dict.fromkeys(products))}) is a weight product, "
+                           "not a linear layer called as a module; left dense")
+        return
+    roles = [r for r in readers if r in branches] + ([writer] if writer in reader_owner else [])
+    if roles:
+        skipped[writer] = (f"{roles} would be both a reader and a writer (the layer is used in two places "
+                           "that are not one branch); left dense")
+        return
     if writer in branches:
         if branches[writer].readers != readers:
             skipped[writer] = "called in several places with different readers; left dense"
@@ -243,7 +344,7 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
         return
     for r in readers:
         reader_owner[r] = writer
-    name = _common_parent(readers + [writer])
+    name = _holder(_common_parent(readers + [writer]), modules)
     branches[writer] = Branch(name=name, readers=readers, writer=writer, input=match.input_desc,
                               reader_shapes={r: linear_features(modules[r]) for r in readers},
                               writer_shape=linear_features(modules[writer]))
