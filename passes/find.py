@@ -27,6 +27,18 @@ __all__ = ["is_linear_layer", "linear_features", "find_plan", "module_resolver",
 
 NOT_CAPTURED = ("in no captured graph: not called in the forward pass, or run outside the captured graphs "
                 "(e.g. eagerly after a dynamo graph break, or outside the blocks captured one by one)")
+NOT_CALLED = "not called in the forward pass on example_inputs; left dense"
+OUTSIDE_BLOCKS = "called outside the blocks captured one by one (torch.export per block), so in no graph; left dense"
+
+
+def _unseen_note(name: str, unseen: list[tuple[str, str, str]]) -> str:
+    """Which frame dynamo ran eagerly around layer `name`, or ""."""
+    frames = [(f, cls, why) for f, cls, why in unseen if not f or name.startswith(f + ".")]
+    if not frames:
+        return ""
+    f, cls, why = max(frames, key=lambda t: len(t[0]))
+    return (f"dynamo ran the forward of {f or 'the model'} ({cls}) eagerly after a graph break it could not "
+            f"resume from ({why}), so the code there (e.g. residual adds) is in no captured graph")
 
 
 def is_linear_layer(module: nn.Module) -> bool:
@@ -45,20 +57,38 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return int(in_f), int(out_f)
 
 
+_LINEAR_FNS = (torch.ops.aten.linear.default, torch._C._nn.linear, F.linear, torch.ops.aten.addmm.default, torch.addmm)
 _WEIGHT_STEPS = 8   # ops between a parameter and the weight operand: t, transpose, permute, slice, view
+# Ops that take a view, a slice or a copy of a weight (a stacked weight's select/index included).
+_WEIGHT_VIEWS = {"t", "T", "mT", "numpy_T", "transpose", "permute", "getitem", "select", "slice", "index",
+                 "view", "reshape", "_unsafe_view", "contiguous", "to", "_to_copy", "alias", "detach", "clone",
+                 "expand", "unsqueeze", "squeeze", "lift_fresh_copy", "getattr", "type_as"}
+
+
+def _base_name(n: fx.Node) -> str:
+    t = n.target
+    return (t if isinstance(t, str) else getattr(t, "__name__", str(t))).split(".")[0]
+
+
+def weight_source(w, limit: int = _WEIGHT_STEPS):
+    """The placeholder or get_attr node a weight operand views (through t, slices, ...), or None."""
+    for _ in range(limit):
+        if not isinstance(w, fx.Node):
+            return None
+        if w.op in ("placeholder", "get_attr"):
+            return w
+        if w.op not in ("call_function", "call_method") or not w.args or _base_name(w) not in _WEIGHT_VIEWS:
+            return None
+        w = w.args[0]
+    return None
 
 
 def _weight_param(w, params: dict[str, str]) -> Optional[str]:
     """The qualified name of the parameter a weight operand is (through transposes, slices, views)."""
-    for _ in range(_WEIGHT_STEPS):
-        if not isinstance(w, fx.Node):
-            return None
-        if w.op in ("placeholder", "get_attr"):
-            return params.get(w.name) or (str(w.target) if w.op == "get_attr" else None)
-        if w.op not in ("call_function", "call_method") or not w.args:
-            return None
-        w = w.args[0]
-    return None
+    w = weight_source(w)
+    if w is None:
+        return None
+    return params.get(w.name) or (str(w.target) if w.op == "get_attr" else None)
 
 
 def _operands(node: fx.Node, is_param: Callable[[Any], bool]) -> Optional[tuple[fx.Node, fx.Node]]:
@@ -75,8 +105,12 @@ def _operands(node: fx.Node, is_param: Callable[[Any], bool]) -> Optional[tuple[
         in_idx, w_idx, args = (0, 1, ops) if is_param(ops[1]) else (1, 0, ops)
     else:
         return None
-    if len(args) <= max(in_idx, w_idx) or not isinstance(args[in_idx], fx.Node) or not is_param(args[w_idx]):
+    if len(args) <= max(in_idx, w_idx) or not isinstance(args[in_idx], fx.Node):
         return None
+    if not is_param(args[w_idx]):
+        if node.target in _LINEAR_FNS or not is_param(args[in_idx]) or not isinstance(args[w_idx], fx.Node):
+            return None
+        return args[w_idx], args[in_idx]   # W @ x (Mamba's dt_proj.weight @ time_step)
     return args[in_idx], args[w_idx]
 
 
@@ -106,14 +140,17 @@ def module_resolver(modules: dict[str, nn.Module], prefix: str,
         if not all(isinstance(v, torch.Tensor) for v in (xv, wv, yv)) or wv.dim() != 2 or xv.dim() == 0:
             return None
         in_f, out_f = int(xv.shape[-1]), int(yv.shape[-1])
-        if sorted((in_f, out_f)) != sorted(int(d) for d in wv.shape):
+        left = node.args and node.args[0] is w and node.target not in _LINEAR_FNS   # W @ x
+        if left:
+            out_f, in_f = int(wv.shape[0]), int(wv.shape[1])
+        elif sorted((in_f, out_f)) != sorted(int(d) for d in wv.shape):
             return None
         pname = _weight_param(w, params)
         owner, _, attr = pname.rpartition(".")
         module, param = modules.get(owner), named[pname]
         here, _ = innermost_module(node, prefix)
         layer = modules.get(here)
-        if layer is not None and is_linear_layer(layer) and layer.weight is param:   # tied weights too
+        if layer is not None and is_linear_layer(layer) and layer.weight is param and not left:   # tied too
             stored = tuple(layer.weight.shape)
             if tuple(wv.shape) in (stored, stored[::-1]) and (in_f, out_f) == linear_features(layer):
                 return LinearRef(node, x, here, in_f, out_f)
@@ -225,10 +262,8 @@ def _weight_products(graph, resolve, params: dict[str, str], modules: dict[str, 
         if node.op != "call_function" or node.target not in LINEAR_TARGETS or resolve(node) is not None:
             continue
         w = node.args[LINEAR_TARGETS[node.target][1]] if len(node.args) > 1 else None
-        seen = 0
-        while isinstance(w, fx.Node) and w.op == "call_function" and w.args and seen < 8:
-            w, seen = w.args[0], seen + 1   # through t / transpose / select / index of stacked weights
-        if not isinstance(w, fx.Node) or w.name not in params:
+        w = weight_source(w)   # through t / transpose / select / index of stacked weights
+        if w is None or w.name not in params:
             continue
         owner, _, attr = params[w.name].rpartition(".")
         module = modules.get(owner)
@@ -263,11 +298,17 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
     hiddens = [a.hidden_size for a in analyses if a.hidden_size]
     if not hiddens:
         found = sum(len(a.linears) for a in analyses)
+        unseen = "".join(f"\n  - the forward of {f or 'the model'} ({cls}): {why}" for f, cls, why in cap.unseen)
+        if unseen:
+            unseen = ("\ndynamo ran these frames eagerly after a graph break it could not resume from, so the "
+                      f"residual adds written in them are in no captured graph:{unseen}\nMake those forwards "
+                      "capturable (e.g. torch.where / torch.cond instead of data-dependent Python control flow "
+                      "inside a loop), or keep the residual adds inside the repeated blocks of an nn.ModuleList.")
         raise UnsupportedModelError(
             f"{type(model).__name__} has no residual branch MoHD can rewrite: among its {found} linear-layer "
-            "calls, none writes into a residual add (h + f(h)) whose other operand feeds that layer. "
-            "MoHD needs a Transformer-style residual stream (models such as an MLP without skip "
-            "connections or a CNN have none).")
+            f"calls (captured with {cap.frontend}), none writes into a residual add (h + f(h)) whose other operand "
+            "feeds that layer. MoHD needs a Transformer-style residual stream (models such as an MLP without skip "
+            "connections or a CNN have none)." + unseen)
     hidden = max(set(hiddens), key=hiddens.count)
     branches: dict[str, Branch] = {}
     skipped: dict[str, str] = {}
@@ -289,9 +330,24 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
     in_plan = {b.writer for b in branches.values()} | {r for b in branches.values() for r in b.readers}
     skipped = {k: v for k, v in skipped.items() if k not in in_plan}
     called = _unrecognised_calls(cap.graphs, modules)
+    ran = set(cap.called)
     for name, module in modules.items():
-        if is_linear_layer(module) and name not in in_plan and name not in skipped:
-            skipped[name] = called.get(name, NOT_CAPTURED)
+        if not is_linear_layer(module) or name in in_plan:
+            continue
+        note = _unseen_note(name, cap.unseen)
+        if name not in skipped:
+            if name in called:
+                skipped[name] = called[name]
+            elif cap.called and name not in ran:
+                skipped[name] = NOT_CALLED
+            elif note:
+                skipped[name] = f"called, but in no captured graph: {note}; left dense"
+            elif cap.frontend == "torch.export per block" and cap.called:
+                skipped[name] = OUTSIDE_BLOCKS
+            else:
+                skipped[name] = NOT_CAPTURED
+        elif note and not skipped[name].startswith("called, but"):
+            skipped[name] += f" (as far as the captured graphs show: {note})"
     return Plan(hidden_size=hidden, branches=list(branches.values()), skipped=sorted(skipped.items()),
                 frontend=cap.frontend, config=config, model_name=type(model).__name__,
                 model_params=sum(p.numel() for p in model.parameters()), capture_failures=cap.failures)
@@ -308,10 +364,11 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
                 skipped.setdefault(r.fqn, f"reads the input of a residual branch whose writer ({writer}) is a weight "
                                           "product, not a linear layer called as a module; the branch is left dense")
         return   # the writer's own reason comes from _product_reasons
-    products = [r.fqn for r in match.readers if not r.layer]
+    products = [r.where if r.where.startswith(r.fqn + ".") else r.fqn for r in match.readers if not r.layer]
     readers = list(dict.fromkeys(r.fqn for r in match.readers if r.layer))
     if not readers:
-        skipped[writer] = (f"every reader of its branch ({', '.join(dict.fromkeys(products))}) is a weight product, "
+        skipped[writer] = (f"every reader of its branch ({', '.join(dict.fromkeys(products))}) is a weight product "
+                           "(x @ W, einsum or F.linear on a weight or a slice of it), "
                            "not a linear layer called as a module; left dense")
         return
     roles = [r for r in readers if r in branches] + ([writer] if writer in reader_owner else [])
