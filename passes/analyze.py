@@ -102,13 +102,22 @@ class GraphAnalysis:
     view: Optional[GraphView] = None
 
 
+def _through_copies(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
+    """The only user of `n`, looking through single-use copies and casts of the same size
+    (`h.clone().add_(f)` in an exported graph is clone, then add); None if `n` has several users."""
+    users = view.users(n)
+    while len(users) == 1 and is_alias(users[0]) and numel(users[0]) == numel(n) and len(view.users(users[0])) == 1:
+        users = view.users(users[0])
+    return users[0] if len(users) == 1 else None
+
+
 def _sum_root(view: GraphView, n: fx.Node) -> fx.Node:
     """The last add of the chain of adds `n` is part of (an add whose only user is an add of its size)."""
     while True:
-        users = view.users(n)
-        if len(users) != 1 or not is_add(users[0]) or numel(users[0]) != numel(n):
+        user = _through_copies(view, n)
+        if user is None or not is_add(user) or numel(user) != numel(n):
             return n
-        n = users[0]
+        n = user
 
 
 def sum_terms(view: GraphView, root: fx.Node) -> list[fx.Node]:
@@ -116,9 +125,12 @@ def sum_terms(view: GraphView, root: fx.Node) -> list[fx.Node]:
     out, todo = [], [root]
     while todo:
         n = todo.pop()
-        inner = n is root or (len(view.users(n)) == 1 and numel(n) == numel(root))
-        if is_add(n) and inner:
-            todo.extend(reversed(view.add_operands(n)))
+        inner = n
+        while inner is not root and is_alias(inner) and len(view.users(inner)) == 1 and \
+                isinstance(view.arg(inner, 0), fx.Node) and numel(view.arg(inner, 0)) == numel(inner):
+            inner = view.arg(inner, 0)   # a single-use copy of an inner add
+        if is_add(inner) and (inner is root or (_through_copies(view, inner) is not None and numel(inner) == numel(root))):
+            todo.extend(reversed(view.add_operands(inner)))
         else:
             out.append(n)
     return out

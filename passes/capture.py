@@ -127,7 +127,7 @@ def node_value(node: fx.Node):
 
 # The root module in a dynamo source path: L['self'] (forward compiled directly), L['mod'] /
 # L['model'] (wrapped), L['args'][0] (HF 5.x decorators wrap forward as `wrapper(*args, **kwargs)`).
-_DYNAMO_PREFIX = re.compile(r"^(L\['(self|mod|model|fn)'\]|L\['args'\]\[0\]|self)\.?")
+_DYNAMO_PREFIX = re.compile(r"^(L\['(self|mod|model|fn)'\]|L\['args'\]\[0\]|self(?=\.|$))\.?")
 
 
 def module_path(path: str) -> str:

@@ -53,12 +53,13 @@ PASS_FUNCTIONS = ALIAS_TARGETS | MUL_TARGETS | {
     aten.lift_fresh_copy.default, aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
     aten.neg.default, aten.rms_norm.default,
     torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze, torch.dropout,
-    F.dropout, F.relu, F.gelu, F.silu, F.rms_norm, torch.relu, torch.tanh, torch.neg, operator.neg,
+    F.dropout, F.relu, F.gelu, F.silu, F.rms_norm, torch.rms_norm, torch.relu, torch.tanh, torch.neg, operator.neg,
+    torch.nn.functional.dropout1d, torch.nn.functional.dropout2d, torch.nn.functional.alpha_dropout,
 }
 PASS_METHODS = ALIAS_METHODS | MUL_METHODS | {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
                                               "flatten", "expand", "relu", "tanh", "neg"}
 # Shape-only ops (used to split a residual update into its summands).
-SHAPE_FUNCTIONS = PASS_FUNCTIONS - MUL_TARGETS - {F.rms_norm, aten.rms_norm.default, F.relu, F.gelu, F.silu,
+SHAPE_FUNCTIONS = PASS_FUNCTIONS - MUL_TARGETS - {F.rms_norm, torch.rms_norm, aten.rms_norm.default, F.relu, F.gelu, F.silu,
                                                   torch.relu, torch.tanh, torch.neg, operator.neg}
 SHAPE_METHODS = PASS_METHODS - MUL_METHODS - {"relu", "tanh", "neg"}
 
