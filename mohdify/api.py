@@ -61,8 +61,8 @@ def explain(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig] 
 def _plan(model: nn.Module, example_inputs: Any, config: MoHDConfig, filter_fn, called: str) -> Plan:
     if is_mohdified(model):
         raise UnsupportedModelError(
-            f"{called}() got a model that is already mohdified: {type(model).__name__} has "
-            f"{len(mohd_branches(model))} MoHD branches. {called}() needs the dense model: call "
+            f"{called}() got a model that is already mohdified ({type(model).__name__} has "
+            f"{len(mohd_branches(model))} MoHD branches); {called}() needs the dense model: call "
             "mohdify.demohdify(model) first.")
     return find_plan(model, example_inputs, config, filter_fn)
 

@@ -52,7 +52,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 from torch import fx
 
 from .capture import _join, module_path, node_value

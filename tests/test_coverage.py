@@ -207,7 +207,7 @@ def test_already_mohdified_error_names_the_function_called():
         with pytest.raises(mohdify.UnsupportedModelError) as err:
             call()
         msg = str(err.value)
-        assert msg.startswith(f"{fn}() got a model that is already mohdified: NanoGPT has 4 MoHD branches"), msg
+        assert msg.startswith(f"{fn}() got a model that is already mohdified (NanoGPT has 4 MoHD branches)"), msg
         assert msg.count("()") == 2 and "demohdify(model)" in msg
 
 
