@@ -13,7 +13,7 @@ from mohdify.passes.capture import normalize_inputs
 
 from .config import MoHDConfig
 from .errors import ConfigError, UnsupportedModelError
-from .plan import Plan
+from .plan import Plan, untrained_router_note
 from .saving import forget_rewrite, record_rewrite
 
 __all__ = ["explain", "mohdify", "demohdify", "aux_loss", "graph", "branches"]
@@ -54,11 +54,25 @@ def explain(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig] 
     """
     _check_model(model, "explain")
     config = _check_config(config)
+    plan = _plan(model, example_inputs, config, filter_fn, "explain")
+    warn_untrained_router(config, "explain")
+    return plan
+
+
+def _plan(model: nn.Module, example_inputs: Any, config: MoHDConfig, filter_fn, called: str) -> Plan:
     if is_mohdified(model):
         raise UnsupportedModelError(
-            f"{type(model).__name__} is already mohdified ({len(mohd_branches(model))} MoHD branches); "
-            "explain() analyses dense models. Call mohdify.demohdify(model) first.")
+            f"{called}() got a model that is already mohdified ({type(model).__name__} has "
+            f"{len(mohd_branches(model))} MoHD branches); {called}() needs the dense model: call "
+            "mohdify.demohdify(model) first.")
     return find_plan(model, example_inputs, config, filter_fn)
+
+
+def warn_untrained_router(config: MoHDConfig, called: str) -> None:
+    """Warn (UserWarning) when `config` routes with a learned router that is still untrained."""
+    note = untrained_router_note(config)
+    if note:
+        warnings.warn(f"mohdify.{called}(): {note}", UserWarning, stacklevel=3)
 
 
 def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_inputs: Any,
@@ -86,7 +100,7 @@ def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_in
     """
     _check_model(model, "mohdify")
     config = _check_config(config)
-    plan = explain(model, example_inputs, config, filter_fn=filter_fn)
+    plan = _plan(model, example_inputs, config, filter_fn, "mohdify")
     if not plan.branches:
         reasons = "\n".join(f"  {n}: {w}" for n, w in plan.skipped) or "  (no linear layers)"
         raise UnsupportedModelError(
@@ -104,6 +118,7 @@ def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_in
             "the plan is in mohdify.explain(model, example_inputs, config).") from e
     model.mohd_plan = plan
     record_rewrite(model, plan, config)
+    warn_untrained_router(config, "mohdify")
     return model
 
 

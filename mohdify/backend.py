@@ -30,6 +30,7 @@ logging.getLogger("mohdify").
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import fields
 from typing import Any, Optional, Sequence
@@ -91,6 +92,18 @@ def backend_config(options: Optional[dict] = None) -> tuple[MoHDConfig, str]:
     return config, compiler
 
 
+@functools.lru_cache(maxsize=None)   # once per process and setting, not once per graph
+def _warn_defaults(num_groups: int, num_shared: int, top_k: int, scaling: str) -> None:
+    density = (num_shared + top_k) / num_groups
+    log.warning(
+        "mohd backend: torch.compile(model, backend='mohd') got no options, so it rewrites this dense model with "
+        "the defaults: magnitude routing (training-free), num_groups=%d, num_shared=%d, top_k=%d, scaling=%r, "
+        "density %.3f: each token reads and writes only that share of the hidden dimensions, so the model's "
+        "outputs change. Choose with options={'num_groups': ..., 'num_shared': ..., 'top_k': ...} (top_k = "
+        "num_groups - num_shared keeps the outputs unchanged), or compile with another backend (e.g. "
+        "backend='inductor') to leave MoHD out.", num_groups, num_shared, top_k, scaling, density)
+
+
 def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str, mode: Optional[str]):
     if compiler == "eager":
         return gm.forward
@@ -138,6 +151,8 @@ def mohd_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: 
         report = rewrite_graph(gm, config)
     except ConfigError as e:
         raise ConfigError(f"torch.compile(backend='mohd', options={options!r}): {e}") from e
+    if report.branches and not any(k in (options or {}) for k in CONFIG_OPTIONS):
+        _warn_defaults(config.num_groups, config.num_shared, config.top_k, config.scaling)
     counts["branches_rewritten"] += len(report.branches)
     counts["readers_rewritten"] += report.readers
     counts["writers_rewritten"] += len(report.branches)

@@ -8,7 +8,7 @@ from typing import Optional
 
 from .config import MoHDConfig
 
-__all__ = ["Branch", "Plan"]
+__all__ = ["Branch", "Plan", "untrained_router_note"]
 
 
 @dataclass
@@ -117,9 +117,24 @@ class Plan:
                     f"{_fmt(t['params'])} ({share:.0%}); activated per token there: {_fmt(t['active_params'])}")
         if self.skipped:
             out += "\nleft dense:\n" + "\n".join(f"  {name}: {why}" for name, why in self.skipped)
+        note = untrained_router_note(c)
+        if note:
+            out += f"\nnote: {note}"
         if self.capture_failures:
             out += "\nfront-ends that failed first:\n" + "\n".join(f"  {n}: {w}" for n, w in self.capture_failures)
         return out
+
+
+def untrained_router_note(config: MoHDConfig) -> Optional[str]:
+    """What an untrained learned router does, or None when it does not matter (another router, or
+    delta = 1 where every group is active whatever the router says)."""
+    if config.router != "learned" or config.top_k >= config.num_routed:
+        return None
+    return (f"router='learned' starts untrained: its weights are zero at init (so that delta = 1 is exactly the "
+            f"dense model), so until it is trained every token gets the same {config.top_k} of the "
+            f"{config.num_routed} routed groups (the lowest-numbered ones, ties go to the lower index). For a "
+            "pretrained model, train the router (fine-tune with mohdify.aux_loss), or use router='magnitude' "
+            "(training-free, per-token), optionally with mohdify.calibrate for the shared groups.")
 
 
 def _leaf(name: str, parent: str) -> str:

@@ -1,18 +1,28 @@
 """Analysis: find the residual branches of a captured graph, their readers and their writer.
 
 IR level: any FX graph whose nodes carry shapes (export: meta['val'], dynamo: meta['example_value']);
-ATen targets (export) and torch-level targets (dynamo) are both recognised.
+ATen targets (export) and torch-level targets (dynamo) are both recognised (see graphview.py, which
+also reads dynamo's in-place ops as functional).
 
 Pattern, per MOHD_SPEC.md:
-  - a *writer* is a linear layer W whose output value reaches an add node A only through
-    *zero-preserving* ops (below), where A's other operand h (the residual stream) is an ancestor
-    of W, is not a descendant of W, and A has W's output size with last dim out_features(W) = D;
+  - a *residual sum* is a chain of adds read as one sum: `x + a + m`, `(x + a) + m` and `a + m + x`
+    are the same sum of three terms (an add whose only user is another add of the same size is an
+    inner node of the chain); adds may be written `+`, `+=`, `torch.add`, `h.add(f)`, `h.add_(f, alpha=.)`;
+  - a *stream term* of a sum is a term whose value is, through value-preserving ops (casts such as
+    `residual.to(torch.float32)`, copies, a scale by a scalar or a vector such as DeepNorm's
+    `alpha * h`), a node h of the sum's full size that is an ancestor of the linear layer considered;
+  - a *writer* is a linear layer W whose output value reaches a residual sum only through
+    *zero-preserving* ops (below), where another term of the sum is a stream term for W, and the sum
+    has W's output size with last dim out_features(W) = D;
   - the *readers* of that branch are the linear layers R with in_features = D that are ancestors
     of W and whose input is reached from h without passing through a linear layer (so the k/v of
     cross-attention, which read the encoder stream, are not readers of the decoder branch);
-  - every other term of a residual add that depends on h but does not come from a writer (MoE
+  - every other term of a residual sum that depends on h but does not come from a writer (MoE
     experts: stacked expert weights, each seeing only the tokens routed to it) is reported as a
     skipped branch, named after the outermost module that computed it.
+A "linear layer" is whatever `resolve` recognises: a layer called as a module (`LinearRef.layer`),
+or a product with a 2-D weight parameter elsewhere (x @ W, einsum, F.linear on a slice): those find
+their branch like any other, so that the plan can say truly why they stay dense.
 
 Zero-preserving ops (decision for the spec's "a zero-preserving post-norm"): an op may sit between
 the writer and the residual add if a zero entry of the writer's output stays a zero entry, so the
@@ -36,59 +46,39 @@ Afterwards: nothing in the graph or the model has changed; the result is a Graph
 from __future__ import annotations
 
 import heapq
+import itertools
 import operator
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import networkx as nx
-import torch
-import torch.nn.functional as F
 from torch import fx
 
 from .capture import _join, module_path, node_value
+from .graphview import (ADD_TARGETS, LINEAR_TARGETS, PASS_FUNCTIONS, PASS_METHODS, GraphView, canonical, cls_name,
+                        innermost_module, is_add, is_alias, is_div, is_mul, is_shape_only, is_sub, last_dim, numel,
+                        op_name)
 
 __all__ = ["LinearRef", "BranchMatch", "GraphAnalysis", "analyze_graph", "LINEAR_TARGETS", "ADD_TARGETS",
            "innermost_module", "canonical"]
 
-aten = torch.ops.aten
-LINEAR_TARGETS = {
-    aten.linear.default: (0, 1), aten.addmm.default: (1, 2), aten.mm.default: (0, 1), aten.matmul.default: (0, 1),
-    torch._C._nn.linear: (0, 1), torch.nn.functional.linear: (0, 1), torch.addmm: (1, 2), torch.mm: (0, 1),
-    torch.matmul: (0, 1), operator.matmul: (0, 1),
-}  # target -> (index of the input arg, index of the weight arg)
-ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd, torch.add}
-SUB_TARGETS = {aten.sub.Tensor, aten.sub_.Tensor, operator.sub, operator.isub, torch.sub}
-# Ops that return their input unchanged in value (casts to the same dtype, aliases, copies).
-ALIAS_TARGETS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
-                 aten.clone.default, aten.contiguous.default, aten.detach.default}
-ALIAS_METHODS = {"to", "type", "contiguous", "clone", "detach", "float", "type_as"}
-# Zero-preserving ops whose first argument carries the value (see the module docstring).
-_PASS_FUNCTIONS = ALIAS_TARGETS | {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.t.default, aten.numpy_T.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-    aten.squeeze.default, aten.flatten.using_ints, aten.expand.default, aten.type_as.default, aten.dropout.default,
-    aten.lift_fresh_copy.default, aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
-    aten.neg.default, aten.rms_norm.default, aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor,
-    torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze, torch.dropout,
-    F.dropout, F.relu, F.gelu, F.silu, F.rms_norm, torch.relu, torch.tanh, torch.neg, operator.neg,
-    operator.mul, operator.imul, torch.mul,
-}
-_PASS_METHODS = ALIAS_METHODS | {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten",
-                                 "expand", "half", "bfloat16", "relu", "tanh", "neg", "mul", "mul_"}
-_MUL_TARGETS = {aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, operator.mul, operator.imul, torch.mul}
-_DIV_TARGETS = {aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, operator.truediv, operator.itruediv, torch.div}
-
 
 @dataclass
 class LinearRef:
-    """A call of a linear layer found in a graph."""
+    """A call of a linear map found in a graph.
+
+    layer: True for a linear layer called as a module (its own forward: what MoHD can swap);
+    False for a product with a 2-D weight parameter elsewhere (`x @ W.T` in a parent module,
+    einsum, F.linear on a slice, a bare nn.Parameter); `where` then names that parameter.
+    """
 
     node: fx.Node
     input: fx.Node
     fqn: str
     in_features: int
     out_features: int
+    layer: bool = True
+    where: str = ""
 
 
 @dataclass
@@ -97,8 +87,8 @@ class BranchMatch:
 
     writer: LinearRef
     readers: list[LinearRef]
-    add: fx.Node          # the residual add
-    stream: fx.Node       # h: the residual-stream operand of the add
+    add: fx.Node          # the residual sum (the last add of its chain)
+    stream: fx.Node       # h: the residual stream the branch reads and the sum adds to
     input_desc: str       # how the readers' input is derived from h (and what follows the writer)
 
 
@@ -108,159 +98,153 @@ class GraphAnalysis:
     branches: list[BranchMatch]
     linears: list[LinearRef]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    view: Optional[GraphView] = None
 
 
-def innermost_module(node: fx.Node, prefix: str = "") -> tuple[str, str]:
-    """(qualified name, class name) of the innermost module a node was traced in; ("", "") if none."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return "", ""
-    path, cls = list(stack.values())[-1]
-    return _join(prefix, module_path(path)), _cls_name(cls)
+def _through_copies(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
+    """The only user of `n`, looking through single-use copies and casts of the same size
+    (`h.clone().add_(f)` in an exported graph is clone, then add); None if `n` has several users."""
+    users = view.users(n)
+    while len(users) == 1 and is_alias(users[0]) and numel(users[0]) == numel(n) and len(view.users(users[0])) == 1:
+        users = view.users(users[0])
+    return users[0] if len(users) == 1 else None
 
 
-def _cls_name(cls) -> str:
-    return cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
-
-
-def _is_alias(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in ALIAS_TARGETS) or \
-        (node.op == "call_method" and node.target in ALIAS_METHODS)
-
-
-def canonical(node: fx.Node) -> fx.Node:
-    """The node whose value `node` merely passes on (through same-shape casts, aliases, copies)."""
+def _sum_root(view: GraphView, n: fx.Node) -> fx.Node:
+    """The last add of the chain of adds `n` is part of (an add whose only user is an add of its size)."""
     while True:
-        src = node.args[0] if node.args else None
-        if not _is_alias(node) or not isinstance(src, fx.Node):
-            return node
-        a, b = node_value(node), node_value(src)
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            return node
-        node = src
+        user = _through_copies(view, n)
+        if user is None or not is_add(user) or numel(user) != numel(n):
+            return n
+        n = user
 
 
-def _numel(node: fx.Node) -> Optional[int]:
-    val = node_value(node)
-    if not isinstance(val, torch.Tensor):
-        return None
-    try:
-        return int(val.numel())
-    except (TypeError, RuntimeError):   # symbolic sizes
-        return None
+def sum_terms(view: GraphView, root: fx.Node) -> list[fx.Node]:
+    """The terms of the residual sum ending at `root`, inner adds of the chain flattened."""
+    out, todo = [], [root]
+    while todo:
+        n = todo.pop()
+        inner = n
+        while inner is not root and is_alias(inner) and len(view.users(inner)) == 1 and \
+                isinstance(view.arg(inner, 0), fx.Node) and numel(view.arg(inner, 0)) == numel(inner):
+            inner = view.arg(inner, 0)   # a single-use copy of an inner add
+        if is_add(inner) and (inner is root or (_through_copies(view, inner) is not None and numel(inner) == numel(root))):
+            todo.extend(reversed(view.add_operands(inner)))
+        else:
+            out.append(n)
+    return out
 
 
-def _last_dim(node: fx.Node) -> Optional[int]:
-    val = node_value(node)
-    if not isinstance(val, torch.Tensor) or val.dim() == 0:
-        return None
-    try:
-        return int(val.shape[-1])
-    except (TypeError, RuntimeError):
-        return None
-
-
-def _op_name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", None) or str(t)
-
-
-class _Graph:
-    """networkx view of an FX graph with cached ancestor sets."""
-
-    def __init__(self, graph: fx.Graph):
-        self.g = nx.DiGraph()
-        self.order = {n: i for i, n in enumerate(graph.nodes)}
-        for n in graph.nodes:
-            self.g.add_node(n)
-            for inp in n.all_input_nodes:
-                self.g.add_edge(inp, n)
-        self._anc: dict[fx.Node, set] = {}
-
-    def ancestors(self, n: fx.Node) -> set:
-        if n not in self._anc:
-            self._anc[n] = nx.ancestors(self.g, n)
-        return self._anc[n]
-
-
-def _is_add(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in ADD_TARGETS and len(n.all_input_nodes) == 2
-
-
-def _passes_zero(view: _Graph, n: fx.Node, src: fx.Node, writer: fx.Node) -> bool:
-    """Does op `n` keep the zeros of its operand `src` (a value derived from `writer`)?"""
-    if n.op == "call_method":
-        return n.target in _PASS_METHODS and n.args and n.args[0] is src
-    if n.op != "call_function":
-        return False
-    if n.target in _MUL_TARGETS:
-        return True
-    if n.target in _DIV_TARGETS:
-        return bool(n.args) and n.args[0] is src and not any(a is src for a in n.args[1:])
-    if n.target in ADD_TARGETS or n.target in SUB_TARGETS:
-        others = [a for a in n.all_input_nodes if a is not src]
-        return all(writer not in view.ancestors(o) and o is not writer for o in others)
-    if n.target is operator.getitem:   # first output of a tuple-returning op such as native_dropout
-        return isinstance(node_value(src), (tuple, list)) and len(n.args) > 1 and n.args[1] == 0
-    return n.target in _PASS_FUNCTIONS and bool(n.args) and n.args[0] is src
-
-
-def _is_residual_add(view: _Graph, n: fx.Node, lin: LinearRef, size: Optional[int]) -> Optional[fx.Node]:
-    """The stream operand h if `n` is the residual add of `lin`'s output, else None."""
-    if not _is_add(n):
-        return None
-    for other in n.args[:2]:
-        if (isinstance(other, fx.Node) and lin.node not in view.ancestors(other)
-                and other in view.ancestors(lin.node) and _numel(n) == size
-                and _last_dim(n) == lin.out_features and _last_dim(other) == lin.out_features):
-            return other
+def _stream_parent(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
+    """The node whose value `n` carries unchanged or scaled: through casts, copies, shape-only ops
+    and a product with a scalar or a vector (DeepNorm's alpha * h); None if `n` is no such op."""
+    if is_alias(n) or is_shape_only(n):
+        src = view.arg(n, 0)
+        return src if isinstance(src, fx.Node) and numel(src) == numel(n) else None
+    if is_mul(n) or is_div(n):
+        a, b = view.arg(n, 0), view.arg(n, 1)
+        candidates = [a, b] if is_mul(n) else [a]
+        for x, other in zip(candidates, [b, a]):
+            if not isinstance(x, fx.Node) or numel(x) != numel(n):
+                continue
+            if not isinstance(other, fx.Node) or (numel(other) or 0) <= (last_dim(n) or 0):
+                return x
     return None
 
 
-def _walk_to_add(view: _Graph, lin: LinearRef, linear_nodes: set, strict: bool, limit: int = 400):
-    """Walk forward from a linear layer to the residual add that its output reaches.
+def stream_source(view: GraphView, term: fx.Node, accept: Callable[[fx.Node], bool], limit: int = 8):
+    """The first node from `term` back through `_stream_parent` that `accept`s, or None."""
+    node = term
+    for _ in range(limit):
+        if node is None:
+            return None
+        if accept(node):
+            return node
+        node = _stream_parent(view, node)
+    return None
 
-    strict: only through zero-preserving ops. Returns (add, h, own) or None, where `own` is the set
-    of nodes carrying the writer's own value before it is summed with anything else.
+
+def _residual_sum(view: GraphView, n: fx.Node, lin: LinearRef, size: Optional[int]):
+    """(sum root, h) if the add `n` that `lin`'s output reaches is a residual sum for it, else None."""
+    if not is_add(n):
+        return None
+    root = _sum_root(view, n)
+    if numel(root) != size or last_dim(root) != lin.out_features:
+        return None
+
+    def is_stream(s: fx.Node) -> bool:
+        return numel(s) == size and last_dim(s) == lin.out_features and s in view.ancestors(lin.node)
+    for t in sum_terms(view, root):
+        if t is lin.node or lin.node in view.ancestors(t):
+            continue
+        h = stream_source(view, t, is_stream)
+        if h is not None:
+            return root, h
+    return None
+
+
+def _passes_zero(view: GraphView, n: fx.Node, src: fx.Node, writer: fx.Node) -> bool:
+    """Does op `n` keep the zeros of its operand `src` (a value derived from `writer`)?"""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    if is_mul(n):
+        return True
+    if is_div(n):
+        return view.arg(n, 0) is src and not any(a is src for a in view.inputs(n)[1:])
+    if is_add(n) or is_sub(n):
+        others = [a for a in view.inputs(n) if a is not src]
+        return all(writer not in view.ancestors(o) and o is not writer for o in others)
+    if n.op == "call_function" and n.target is operator.getitem:   # first output of e.g. native_dropout
+        return isinstance(node_value(src), (tuple, list)) and len(n.args) > 1 and n.args[1] == 0
+    table = PASS_METHODS if n.op == "call_method" else PASS_FUNCTIONS
+    return n.target in table and view.arg(n, 0) is src
+
+
+def _walk_to_add(view: GraphView, lin: LinearRef, linear_nodes: set, strict: bool, limit: int = 400):
+    """Walk forward from a linear layer to the residual sum that its output reaches.
+
+    strict: only through zero-preserving ops. Returns (sum root, h, own) or None, where `own` is the
+    set of nodes carrying the writer's own value before it is summed with anything else.
     """
-    size = _numel(lin.node)
-    heap = [(view.order[u], u, lin.node, True) for u in lin.node.users]
+    size = numel(lin.node)
+    tie = itertools.count()
+    heap = [(view.order[u], next(tie), u, lin.node, True) for u in view.users(lin.node)]
     seen, own = set(), {lin.node}
     while heap and len(seen) < limit:
-        _, n, src, src_own = heapq.heappop(heap)
+        _, _, n, src, src_own = heapq.heappop(heap)
         if n in seen or n in linear_nodes:
             continue
-        stream = _is_residual_add(view, n, lin, size)
-        if stream is not None:
-            return n, stream, own
+        hit = _residual_sum(view, n, lin, size)
+        if hit is not None:
+            return (*hit, own)
         if strict and not _passes_zero(view, n, src, lin.node):
             continue
         seen.add(n)
-        is_own = src_own and not (n.op == "call_function" and (n.target in ADD_TARGETS or n.target in SUB_TARGETS))
+        is_own = src_own and not (is_add(n) or is_sub(n))
         if is_own:
             own.add(n)
-        for u in n.users:
-            heapq.heappush(heap, (view.order[u], u, n, is_own))
+        for u in view.users(n):
+            heapq.heappush(heap, (view.order[u], next(tie), u, n, is_own))
     return None
 
 
-def _blocking_op(view: _Graph, lin: LinearRef, add: fx.Node, prefix: str) -> str:
+def _blocking_op(view: GraphView, lin: LinearRef, add: fx.Node, prefix: str) -> str:
     """The first op between a linear and its residual add that does not keep zeros, described."""
-    between = [n for n in view.ancestors(add) if lin.node in view.ancestors(n)]
+    between = [n for n in view.ancestors(add) if lin.node in view.ancestors(n)] + [add]
     for n in sorted(between, key=view.order.get):
-        srcs = [s for s in n.all_input_nodes if s is lin.node or s in between]
+        srcs = [s for s in view.inputs(n) if s is lin.node or s in between]
         if srcs and not any(_passes_zero(view, n, s, lin.node) for s in srcs):
             fqn, cls = innermost_module(n, prefix)
-            return f"{_op_name(n)}" + (f" in {fqn} ({cls})" if fqn else "")
+            return f"{op_name(n)}" + (f" in {fqn} ({cls})" if fqn else "")
     return "an op"
 
 
-def _reach_without_linears(view: _Graph, start: fx.Node, within: set, linear_nodes: set) -> set:
+def _reach_without_linears(view: GraphView, start: fx.Node, within: set, linear_nodes: set) -> set:
     """Nodes reached from `start` inside `within` without passing through a linear layer."""
     reached, todo = {start}, [start]
     while todo:
         n = todo.pop()
-        for u in n.users:
+        for u in view.users(n):
             if u in within and u not in reached and u not in linear_nodes:
                 reached.add(u)
                 todo.append(u)
@@ -284,8 +268,10 @@ def _describe(reader_inputs: list[fx.Node], stream: fx.Node, own: set, writer: L
 def analyze_graph(graph: fx.Graph, resolve: Callable[[fx.Node], Optional[LinearRef]],
                   prefix: str = "") -> GraphAnalysis:
     """Find residual branches in `graph`; `resolve` recognises linear-layer calls."""
-    view = _Graph(graph)
+    view = GraphView(graph)
     linears = [ref for n in graph.nodes if (ref := resolve(n)) is not None]
+    for ref in linears:   # the version of the input the call really reads (after in-place ops)
+        ref.input = view.arg(ref.node, ref.node.args.index(ref.input)) if ref.input in ref.node.args else ref.input
     linear_nodes = {ref.node for ref in linears}
     found, blocked = [], []
     for lin in linears:
@@ -295,9 +281,9 @@ def analyze_graph(graph: fx.Graph, resolve: Callable[[fx.Node], Optional[LinearR
         elif (loose := _walk_to_add(view, lin, linear_nodes, strict=False)) is not None:
             blocked.append((lin, loose[0]))
     if not found:
-        return GraphAnalysis(None, [], linears)
+        return GraphAnalysis(None, [], linears, view=view)
     hidden = Counter(lin.out_features for lin, *_ in found).most_common(1)[0][0]
-    analysis = GraphAnalysis(hidden, [], linears)
+    analysis = GraphAnalysis(hidden, [], linears, view=view)
     owns: dict[fx.Node, list] = {}
     for lin, add, stream, own in found:
         if lin.out_features != hidden:
@@ -321,58 +307,49 @@ def analyze_graph(graph: fx.Graph, resolve: Callable[[fx.Node], Optional[LinearR
     return analysis
 
 
-def _stream_adds(view: _Graph, analysis: GraphAnalysis) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
-    """(add, h, update) of every residual add on the stream, found by a writer or not."""
-    stream = {canonical(b.stream) for b in analysis.branches} | {b.add for b in analysis.branches}
-    by_add = {b.add: b.stream for b in analysis.branches}
-    out = []
-    for n in view.order:
-        if n in by_add:
-            h = by_add[n]
-            out.append((n, h, next(a for a in n.args[:2] if a is not h)))
-            continue
-        if not _is_add(n) or _last_dim(n) != analysis.hidden_size:
-            continue
-        a, b = n.args[:2]
-        for h, other in ((a, b), (b, a)):
-            if canonical(h) in stream and canonical(other) not in stream and _numel(n) == _numel(h) \
-                    and h in view.ancestors(other):
-                out.append((n, h, other))
-                break
-    return out
-
-
-def _terms(update: fx.Node) -> list[fx.Node]:
-    """Split a branch update into its summands, looking through shape-only ops."""
+def _split(update: fx.Node, view: GraphView) -> list[fx.Node]:
+    """Split a term of a residual sum into its summands, looking through adds and shape-only ops."""
     out, todo, seen = [], [update], set()
     while todo:
         n = todo.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and n.target in ADD_TARGETS:
-            todo.extend(n.all_input_nodes)
-        elif (n.op == "call_function" and n.target in _PASS_FUNCTIONS - _MUL_TARGETS - {F.rms_norm,
-              aten.rms_norm.default}) or (n.op == "call_method" and n.target in _PASS_METHODS - {"mul", "mul_"}):
-            todo.extend(n.all_input_nodes[:1])
+        if is_add(n):
+            todo.extend(view.inputs(n))
+        elif is_shape_only(n):
+            todo.extend(view.inputs(n)[:1])
         else:
             out.append(n)
     return out
 
 
-def _unwritten_terms(view: _Graph, analysis: GraphAnalysis, owns: dict, prefix: str) -> None:
-    """Report residual-add terms that depend on h but come from no writer (e.g. MoE experts)."""
-    for add, h, update in _stream_adds(view, analysis):
-        writers = owns.get(add, [])
+def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefix: str) -> None:
+    """Report residual-sum terms that depend on h but come from no writer (e.g. MoE experts)."""
+    known = {b.stream for b in analysis.branches} | {b.add for b in analysis.branches}
+    known |= {canonical(n) for n in known}
+    roots = list(dict.fromkeys(b.add for b in analysis.branches))
+    roots += [n for n in view.order if is_add(n) and n not in roots and last_dim(n) == analysis.hidden_size
+              and _sum_root(view, n) is n]
+    for root in roots:
+        terms = sum_terms(view, root)
+        streams = {t: h for t in terms
+                   if (h := stream_source(view, t, lambda s: (s in known or canonical(s) in known)
+                                          and numel(s) == numel(root))) is not None}
+        if not streams or len(streams) == len(terms):
+            continue
+        h = next(iter(streams.values()))
+        writers = owns.get(root, [])
         covered = set().union(*(own for _, own in writers)) if writers else set()
-        for term in _terms(update):
-            if term in covered or h not in view.ancestors(term):
-                continue
-            owner, cls = _term_owner(term, h, [w.fqn for w, _ in writers], prefix)
-            analysis.skipped.append((owner or term.name, (
-                f"residual branch ({cls or 'unknown module'}) whose output does not come from a linear writer "
-                "(e.g. MoE experts, which hold stacked expert weights and see only the tokens routed to them); "
-                "left dense")))
+        for term in (t for t in terms if t not in streams):
+            for part in _split(term, view):
+                if part in covered or h not in view.ancestors(part):
+                    continue
+                owner, cls = _term_owner(part, h, [w.fqn for w, _ in writers], prefix)
+                analysis.skipped.append((owner or part.name, (
+                    f"residual branch ({cls or 'unknown module'}) whose output does not come from a linear writer "
+                    "(e.g. MoE experts, which hold stacked expert weights and see only the tokens routed to them); "
+                    "left dense")))
 
 
 def _term_owner(term: fx.Node, h: fx.Node, writers: list[str], prefix: str) -> tuple[str, str]:
@@ -384,5 +361,5 @@ def _term_owner(term: fx.Node, h: fx.Node, writers: list[str], prefix: str) -> t
             continue
         name = _join(prefix, module_path(path))
         if not any(w == name or w.startswith(name + ".") for w in writers):
-            return name, _cls_name(cls)
+            return name, cls_name(cls)
     return innermost_module(term, prefix)

@@ -2,9 +2,9 @@
 
 Module level (not a graph rewrite): each reader and writer is swapped for a MoHD module that holds
 the very same weight and bias Parameters, and each branch gets a `MoHDBranch` registered as
-`<branch module>.mohd` (`mohd_1`, ... if that name is taken). A container (nn.Sequential, ModuleList,
-ModuleDict) would call or iterate a new child, so a branch whose module is one is registered on the
-closest parent that is not, as `mohd_<path below it>`. The model keeps its class.
+`<branch module>.mohd` (`mohd_1`, ... if that name is taken); the plan never names a container
+(nn.Sequential, ModuleList, ModuleDict: they would call or iterate a new child) as a branch module.
+The model keeps its class.
 Transactional: if any step fails, every swap already made is undone before the error propagates.
 """
 
@@ -28,24 +28,12 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent) if parent else model), leaf
 
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-
-
-def _branch_home(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """(module to register the branch on, free attribute name): the branch's module, or its closest
-    ancestor that is not a container."""
-    path = name.split(".") if name else []
-    below: list[str] = []
-    holder = model.get_submodule(".".join(path)) if path else model
-    while path and isinstance(holder, _CONTAINERS):
-        below.insert(0, path.pop())
-        holder = model.get_submodule(".".join(path)) if path else model
-    base = "_".join([BRANCH_ATTR, *below])
-    attr, i = base, 0
+def _free_attr(holder: nn.Module) -> str:
+    attr, i = BRANCH_ATTR, 0
     while hasattr(holder, attr):
         i += 1
-        attr = f"{base}_{i}"
-    return holder, attr
+        attr = f"{BRANCH_ATTR}_{i}"
+    return attr
 
 
 def apply_plan(model: nn.Module, plan: Plan, config: MoHDConfig) -> list[MoHDBranch]:
@@ -67,7 +55,8 @@ def apply_plan(model: nn.Module, plan: Plan, config: MoHDConfig) -> list[MoHDBra
                                        "layer: the model changed since the plan was made")
             branch = MoHDBranch(plan.hidden_size, config, name=b.name,
                                 dtype=writer.weight.dtype, device=writer.weight.device).train(writer.training)
-            swap(*_branch_home(model, b.name), branch)
+            holder = model.get_submodule(b.name) if b.name else model
+            swap(holder, _free_attr(holder), branch)
             for name in b.readers:
                 layer = model.get_submodule(name)
                 reader = MoHDReader(layer, branch, transposed=not isinstance(layer, nn.Linear)).train(layer.training)

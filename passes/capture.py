@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -43,6 +44,10 @@ class Capture:
     graphs: list[CapturedGraph]
     frontend: str
     failures: list[tuple[str, str]] = field(default_factory=list)   # (front-end, why it failed)
+    # (module name, class name, why) of forwards that ran but that no captured graph shows (dynamo
+    # skipped the frame after a graph break it could not resume from, e.g. inside a loop)
+    unseen: list[tuple[str, str, str]] = field(default_factory=list)
+    called: list[str] = field(default_factory=list)   # modules whose forward ran (eagerly, once)
 
 
 def describe_inputs(example_inputs: Any) -> str:
@@ -92,8 +97,17 @@ def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict
     return args, kwargs
 
 
-def run_eager(model: nn.Module, args: tuple, kwargs: dict, example_inputs: Any) -> None:
-    """Run the model once on the inputs; wrong inputs fail here with a clear message."""
+def run_eager(model: nn.Module, args: tuple, kwargs: dict, example_inputs: Any) -> list[str]:
+    """Run the model once on the inputs; wrong inputs fail here with a clear message.
+
+    Returns the qualified names of the modules whose forward ran, in call order."""
+    names = {id(m): n for n, m in model.named_modules()}
+    called: dict[str, None] = {}
+
+    def hook(module, inputs):
+        if id(module) in names:
+            called.setdefault(names[id(module)])
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             model(*args, **kwargs)
@@ -101,6 +115,9 @@ def run_eager(model: nn.Module, args: tuple, kwargs: dict, example_inputs: Any) 
         raise InputError(
             f"{type(model).__name__} failed on example_inputs {describe_inputs(example_inputs)}: "
             f"{type(e).__name__}: {e}. example_inputs must be arguments the model's forward accepts.") from e
+    finally:
+        handle.remove()
+    return list(called)
 
 
 def node_value(node: fx.Node):
@@ -110,7 +127,7 @@ def node_value(node: fx.Node):
 
 # The root module in a dynamo source path: L['self'] (forward compiled directly), L['mod'] /
 # L['model'] (wrapped), L['args'][0] (HF 5.x decorators wrap forward as `wrapper(*args, **kwargs)`).
-_DYNAMO_PREFIX = re.compile(r"^(L\['(self|mod|model|fn)'\]|L\['args'\]\[0\]|self)\.?")
+_DYNAMO_PREFIX = re.compile(r"^(L\['(self|mod|model|fn)'\]|L\['args'\]\[0\]|self(?=\.|$))\.?")
 
 
 def module_path(path: str) -> str:
@@ -146,8 +163,9 @@ def _dynamo_limits() -> dict:
     return {n: 1 << 16 for n in names if hasattr(torch._dynamo.config, n)}
 
 
-def _dynamo(model: nn.Module, args: tuple, kwargs: dict) -> list[CapturedGraph]:
-    """The graphs dynamo compiles in one forward, one CapturedGraph per distinct use.
+def _dynamo(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list[CapturedGraph], list[str]]:
+    """The graphs dynamo compiles in one forward, one CapturedGraph per distinct use, and the
+    reasons of the graph breaks it met.
 
     Dynamo lifts parameters to graph inputs and reuses a compiled graph for every block of the same
     structure (the guards do not pin the module): a graph compiled for layer 0 also runs layer 1.
@@ -170,8 +188,19 @@ def _dynamo(model: nn.Module, args: tuple, kwargs: dict) -> list[CapturedGraph]:
             return gm.forward(*inputs)
         return run
 
-    with torch.no_grad(), torch._dynamo.config.patch(**_dynamo_limits()):
-        torch.compile(model, backend=collect, dynamic=False)(*args, **kwargs)
+    # Dynamo's caches live on code objects: a frame it skipped (or compiled) for an earlier model of the
+    # same class would be skipped (or reused) for this one. Start from empty caches, and leave none behind.
+    counters = torch._dynamo.utils.counters
+    saved = {k: Counter(v) for k, v in counters.items()}   # reset() clears dynamo's counters: keep the user's
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(**_dynamo_limits()):
+            torch.compile(model, backend=collect, dynamic=False)(*args, **kwargs)
+        breaks = _break_reasons([*counters["graph_break"], *counters["unimplemented"]])
+    finally:
+        torch._dynamo.reset()
+        counters.clear()
+        counters.update(saved)
     if not compiled:
         raise RuntimeError("dynamo produced no graph (the forward ran eagerly, e.g. under torch._dynamo.disable)")
     graphs, done = [], set()
@@ -183,7 +212,15 @@ def _dynamo(model: nn.Module, args: tuple, kwargs: dict) -> list[CapturedGraph]:
         if list(names) != first:
             graph = _moved_copy(graph, _prefix_map(first, names))
         graphs.append(CapturedGraph(graph, "dynamo", "", {h: n for h, n in zip(holders, names) if n}))
-    return graphs
+    return graphs, breaks
+
+
+def _break_reasons(keys: list[str]) -> list[str]:
+    """Short, distinct graph-break reasons from dynamo's counter keys (their first lines)."""
+    out = list(dict.fromkeys(k.strip().splitlines()[0][:120] for k in keys if k.strip()))
+    if any("graph break in loop" in k for k in keys):
+        out.append("graph break in loop: frame skipped")
+    return out
 
 
 def _prefix_map(before: list, after: tuple) -> dict[str, str]:
@@ -263,17 +300,69 @@ def _export_blocks(model: nn.Module, args: tuple, kwargs: dict) -> list[Captured
     return out
 
 
+def _seen_modules(graphs: list[CapturedGraph]) -> set[str]:
+    """Qualified names of the modules whose code some graph shows: every module a node was traced in,
+    and each graph's top module (the common prefix of its nodes' modules: the frame compiled)."""
+    seen = set()
+    for g in graphs:
+        names = [_join(g.prefix, module_path(path)) for n in g.graph.nodes
+                 for path, _ in (n.meta.get("nn_module_stack") or {}).values()]
+        seen.update(names)
+        parts = [n.split(".") if n else [] for n in names]
+        top = []
+        for level in zip(*parts) if parts else ():
+            if len(set(level)) != 1:
+                break
+            top.append(level[0])
+        seen.add(".".join(top) if parts else g.prefix)
+    return seen
+
+
+def _unseen_frames(model: nn.Module, called: list[str], graphs: list[CapturedGraph], why: str):
+    """Modules whose forward ran and that no graph shows, though modules inside them are in a graph:
+    their own code (e.g. residual adds between the calls of their children) ran eagerly, unseen."""
+    seen = _seen_modules(graphs)
+    modules = dict(model.named_modules())
+    out = []
+    for name in called:
+        inner = any((c.startswith(name + ".") if name else c) for c in seen)
+        if name not in seen and inner and not isinstance(modules.get(name), (nn.ModuleList, nn.ModuleDict)):
+            out.append((name, type(modules[name]).__name__, why))
+    return out
+
+
 def capture(model: nn.Module, example_inputs: Any) -> Capture:
-    """Capture graphs of `model` on `example_inputs`, trying each front-end in order."""
+    """Capture graphs of `model` on `example_inputs`, trying each front-end in order.
+
+    The dynamo front-end resets dynamo's caches before and after it runs (torch._dynamo.reset()),
+    so that what it captures does not depend on what was compiled before; functions the user compiled
+    earlier compile again on their next call.
+    """
     args, kwargs = normalize_inputs(model, example_inputs)
-    run_eager(model, args, kwargs, example_inputs)
+    called = run_eager(model, args, kwargs, example_inputs)
+    cap = _capture(model, args, kwargs, called, example_inputs)
+    cap.called = called
+    return cap
+
+
+def _capture(model, args, kwargs, called, example_inputs) -> Capture:
     failures: list[tuple[str, str]] = []
     try:
         return Capture([_export(model, args, kwargs)], "torch.export", failures)
     except Exception as e:  # noqa: BLE001 - every front-end failure is recorded and reported
         failures.append(("torch.export (non-strict)", _why(e)))
     try:
-        return Capture(_dynamo(model, args, kwargs), "dynamo", failures)
+        graphs, breaks = _dynamo(model, args, kwargs)
+        why = "; ".join(breaks[:3]) or "a graph break"
+        unseen = _unseen_frames(model, called, graphs, why)
+        if not unseen:
+            return Capture(graphs, "dynamo", failures)
+        blocks = _blocks_that_see(model, args, kwargs, unseen)
+        if blocks is not None:
+            names = ", ".join(n or type(model).__name__ for n, _, _ in unseen)
+            failures.append(("dynamo", f"skipped the frame of {names} ({why}); the blocks are exported one by one"))
+            return Capture(blocks, blocks[0].frontend, failures)
+        return Capture(graphs, "dynamo", failures, unseen)
     except Exception as e:  # noqa: BLE001
         failures.append(("dynamo", _why(e)))
     try:
@@ -288,6 +377,18 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
         "Make the model exportable (torch.export.export(model, args, kwargs, strict=False)), e.g. by "
         "replacing data-dependent Python control flow with torch.cond / torch.where, or keep its "
         "repeated blocks in an nn.ModuleList so they can be captured one by one.")
+
+
+def _blocks_that_see(model, args, kwargs, unseen) -> Optional[list[CapturedGraph]]:
+    """Per-block export graphs if every frame dynamo did not see is inside one exported block."""
+    try:
+        graphs = _export_blocks(model, args, kwargs)
+    except Exception:  # noqa: BLE001 - this fallback is optional; dynamo's graphs are kept with a reason
+        return None
+    prefixes = [g.prefix for g in graphs]
+    if all(any(n == p or n.startswith(p + ".") for p in prefixes) for n, _, _ in unseen):
+        return graphs
+    return None
 
 
 def _why(e: BaseException) -> str:

@@ -1,8 +1,9 @@
 """Find: capture a model, analyse every captured graph, and merge the results into a Plan.
 
-Linear layers are recognised by their module (nn.Linear and its subclasses, and GPT-2 style
-Conv1D whose weight is stored [in, out]); the output head and embeddings are never readers or
-writers (they feed no residual branch). Every linear layer of the model that the plan leaves
+Linear maps are recognised by passes/resolve.py: calls of linear layers (nn.Linear and its
+subclasses, GPT-2 style Conv1D), and other products with a 2-D weight parameter, which are found
+but never rewritten (a swapped module there would not be called); the output head and embeddings
+are never readers or writers (they feed no residual branch). Every linear layer of the model that the plan leaves
 dense is listed in `plan.skipped` with the reason, and so is every module that multiplies
 activations by its own parameter without being a linear layer (MoE routers, stacked experts).
 """
@@ -11,71 +12,33 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from mohdify.config import MoHDConfig
 from mohdify.errors import UnsupportedModelError
 from mohdify.plan import Branch, Plan
 
-from .analyze import LINEAR_TARGETS, GraphAnalysis, LinearRef, analyze_graph, innermost_module
-from .capture import capture, node_value
+from .analyze import GraphAnalysis, analyze_graph
+from .graphview import LINEAR_TARGETS, innermost_module
+from .capture import capture
+from .resolve import is_linear_layer, linear_features, module_resolver, weight_source
 
 __all__ = ["is_linear_layer", "linear_features", "find_plan", "module_resolver", "NOT_CAPTURED"]
 
 NOT_CAPTURED = ("in no captured graph: not called in the forward pass, or run outside the captured graphs "
                 "(e.g. eagerly after a dynamo graph break, or outside the blocks captured one by one)")
+NOT_CALLED = "not called in the forward pass on example_inputs; left dense"
+OUTSIDE_BLOCKS = "called outside the blocks captured one by one (torch.export per block), so in no graph; left dense"
 
 
-def is_linear_layer(module: nn.Module) -> bool:
-    """nn.Linear (and subclasses) or a GPT-2 style Conv1D (weight [in, out], addmm)."""
-    if isinstance(module, nn.Linear):
-        return True
-    weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
-
-
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear layer."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_f, out_f = module.weight.shape
-    return int(in_f), int(out_f)
-
-
-def module_resolver(modules: dict[str, nn.Module], prefix: str) -> Callable[[fx.Node], Optional[LinearRef]]:
-    """Recognise calls of the model's linear layers in a graph.
-
-    A call is a linear/addmm/mm/matmul traced inside a linear layer whose weight operand has the
-    layer's weight shape, or its transpose for nn.Linear subclasses that compute `x @ W.T` (Falcon).
-    """
-    def resolve(node: fx.Node) -> Optional[LinearRef]:
-        if node.op != "call_function" or node.target not in LINEAR_TARGETS:
-            return None
-        fqn, _ = innermost_module(node, prefix)
-        module = modules.get(fqn)
-        if module is None or not is_linear_layer(module):
-            return None
-        in_idx, w_idx = LINEAR_TARGETS[node.target]
-        if len(node.args) <= max(in_idx, w_idx) or not isinstance(node.args[in_idx], fx.Node):
-            return None
-        weight = node.args[w_idx]
-        val = node_value(weight) if isinstance(weight, fx.Node) else None
-        x = node_value(node.args[in_idx])
-        if val is None or x is None or x.dim() == 0:
-            return None
-        in_f, out_f = linear_features(module)
-        shape, stored = tuple(val.shape), tuple(module.weight.shape)
-        is_linear_call = node.target in (torch.ops.aten.linear.default, torch._C._nn.linear, F.linear)
-        if shape == stored and (is_linear_call or not isinstance(module, nn.Linear) or in_f == out_f):
-            pass   # F.linear(x, W), Conv1D's addmm(b, x, W), or a square weight either way
-        elif not (shape == stored[::-1] and isinstance(module, nn.Linear) and not is_linear_call):
-            return None   # a matmul inside the module that is not its weight product
-        if int(x.shape[-1]) != in_f:
-            return None
-        return LinearRef(node, node.args[in_idx], fqn, in_f, out_f)
-    return resolve
+def _unseen_note(name: str, unseen: list[tuple[str, str, str]]) -> str:
+    """Which frame dynamo ran eagerly around layer `name`, or ""."""
+    frames = [(f, cls, why) for f, cls, why in unseen if not f or name.startswith(f + ".")]
+    if not frames:
+        return ""
+    f, cls, why = max(frames, key=lambda t: len(t[0]))
+    return (f"dynamo ran the forward of {f or 'the model'} ({cls}) eagerly after a graph break it could not "
+            f"resume from ({why}), so the code there (e.g. residual adds) is in no captured graph")
 
 
 def _common_parent(names: list[str]) -> str:
@@ -88,6 +51,17 @@ def _common_parent(names: list[str]) -> str:
     if common == parts[0] and len(names) == 1:
         common = common[:-1]
     return ".".join(common)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _holder(name: str, modules: dict[str, nn.Module]) -> str:
+    """The closest module at or above `name` that is not a container (nn.Sequential, nn.ModuleList,
+    nn.ModuleDict): a branch is named after it, and its router lives there, where no container calls it."""
+    while name and isinstance(modules.get(name), _CONTAINERS):
+        name = name.rpartition(".")[0]
+    return name
 
 
 def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
@@ -105,7 +79,7 @@ def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
             reasons[lin.fqn] = (f"inner layer (in_features={lin.in_features}, out_features={lin.out_features}, "
                                 f"hidden size {hidden}): neither a reader nor a writer")
             continue
-        reached = _reach(lin.node, linear_nodes, writers | adds)
+        reached = _reach(analysis.view, lin.node, linear_nodes, writers | adds)
         if reached & writers:
             reasons[lin.fqn] = ("reads a stream other than its branch's input (e.g. cross-attention k/v "
                                 "reading the encoder output); left dense")
@@ -118,9 +92,10 @@ def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
     return reasons
 
 
-def _reach(start: fx.Node, linear_nodes: set, targets: set, limit: int = 2000) -> set:
+def _reach(view, start: fx.Node, linear_nodes: set, targets: set, limit: int = 2000) -> set:
     """The nodes of `targets` reached from `start` without passing through another linear layer."""
-    seen, todo, hit = {start}, list(start.users), set()
+    users = view.users if view is not None else (lambda n: list(n.users))
+    seen, todo, hit = {start}, users(start), set()
     while todo and len(seen) < limit:
         n = todo.pop()
         if n in seen:
@@ -130,8 +105,28 @@ def _reach(start: fx.Node, linear_nodes: set, targets: set, limit: int = 2000) -
             hit.add(n)
             continue
         if n not in linear_nodes:
-            todo.extend(n.users)
+            todo.extend(users(n))
     return hit
+
+
+def _product_reasons(analysis: GraphAnalysis, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Why each weight product that is not a linear layer's own call (LinearRef.layer False) stays dense."""
+    out = {}
+    for lin in analysis.linears:
+        if lin.layer or lin.fqn in out:
+            continue
+        module = modules.get(lin.fqn)
+        if module is not None and is_linear_layer(module):
+            out[lin.fqn] = (f"its weight is multiplied outside the layer's own forward (in {lin.where}: x @ W, "
+                            "einsum or F.linear on the weight or a slice of it), so a MoHD layer in its place would "
+                            "never be called; left dense")
+        else:
+            owner = type(module).__name__ if module is not None else "the model"
+            attr = lin.where.rpartition(".")[2]
+            out[lin.fqn] = (f"{owner} multiplies activations by its parameter {attr!r} but is not an nn.Linear "
+                            "(an MoE router, a tied embedding head, or weights kept as bare nn.Parameters); "
+                            "MoHD swaps nn.Linear layers only; left dense")
+    return out
 
 
 def _weight_products(graph, resolve, params: dict[str, str], modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -142,10 +137,8 @@ def _weight_products(graph, resolve, params: dict[str, str], modules: dict[str, 
         if node.op != "call_function" or node.target not in LINEAR_TARGETS or resolve(node) is not None:
             continue
         w = node.args[LINEAR_TARGETS[node.target][1]] if len(node.args) > 1 else None
-        seen = 0
-        while isinstance(w, fx.Node) and w.op == "call_function" and w.args and seen < 8:
-            w, seen = w.args[0], seen + 1   # through t / transpose / select / index of stacked weights
-        if not isinstance(w, fx.Node) or w.name not in params:
+        w = weight_source(w)   # through t / transpose / select / index of stacked weights
+        if w is None or w.name not in params:
             continue
         owner, _, attr = params[w.name].rpartition(".")
         module = modules.get(owner)
@@ -175,22 +168,30 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
     config = config or MoHDConfig()
     cap = capture(model, example_inputs)
     modules = dict(model.named_modules())
-    resolvers = [module_resolver(modules, g.prefix) for g in cap.graphs]
+    resolvers = [module_resolver(modules, g.prefix, g.params) for g in cap.graphs]
     analyses = [analyze_graph(g.graph, r, g.prefix) for g, r in zip(cap.graphs, resolvers)]
     hiddens = [a.hidden_size for a in analyses if a.hidden_size]
     if not hiddens:
         found = sum(len(a.linears) for a in analyses)
+        unseen = "".join(f"\n  - the forward of {f or 'the model'} ({cls}): {why}" for f, cls, why in cap.unseen)
+        if unseen:
+            unseen = ("\ndynamo ran these frames eagerly after a graph break it could not resume from, so the "
+                      f"residual adds written in them are in no captured graph:{unseen}\nMake those forwards "
+                      "capturable (e.g. torch.where / torch.cond instead of data-dependent Python control flow "
+                      "inside a loop), or keep the residual adds inside the repeated blocks of an nn.ModuleList.")
         raise UnsupportedModelError(
             f"{type(model).__name__} has no residual branch MoHD can rewrite: among its {found} linear-layer "
-            "calls, none writes into a residual add (h + f(h)) whose other operand feeds that layer. "
-            "MoHD needs a Transformer-style residual stream (models such as an MLP without skip "
-            "connections or a CNN have none).")
+            f"calls (captured with {cap.frontend}), none writes into a residual add (h + f(h)) whose other operand "
+            "feeds that layer. MoHD needs a Transformer-style residual stream (models such as an MLP without skip "
+            "connections or a CNN have none)." + unseen)
     hidden = max(set(hiddens), key=hiddens.count)
     branches: dict[str, Branch] = {}
     skipped: dict[str, str] = {}
     reader_owner: dict[str, str] = {}
     for a in analyses:
         for name, why in a.skipped:   # the analysis's specific reasons first
+            skipped.setdefault(name, why)
+        for name, why in _product_reasons(a, modules).items():
             skipped.setdefault(name, why)
         for name, why in _skip_reasons(a).items():
             skipped.setdefault(name, why)
@@ -204,9 +205,24 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
     in_plan = {b.writer for b in branches.values()} | {r for b in branches.values() for r in b.readers}
     skipped = {k: v for k, v in skipped.items() if k not in in_plan}
     called = _unrecognised_calls(cap.graphs, modules)
+    ran = set(cap.called)
     for name, module in modules.items():
-        if is_linear_layer(module) and name not in in_plan and name not in skipped:
-            skipped[name] = called.get(name, NOT_CAPTURED)
+        if not is_linear_layer(module) or name in in_plan:
+            continue
+        note = _unseen_note(name, cap.unseen)
+        if name not in skipped:
+            if name in called:
+                skipped[name] = called[name]
+            elif cap.called and name not in ran:
+                skipped[name] = NOT_CALLED
+            elif note:
+                skipped[name] = f"called, but in no captured graph: {note}; left dense"
+            elif cap.frontend == "torch.export per block" and cap.called:
+                skipped[name] = OUTSIDE_BLOCKS
+            else:
+                skipped[name] = NOT_CAPTURED
+        elif note and not skipped[name].startswith("called, but"):
+            skipped[name] += f" (as far as the captured graphs show: {note})"
     return Plan(hidden_size=hidden, branches=list(branches.values()), skipped=sorted(skipped.items()),
                 frontend=cap.frontend, config=config, model_name=type(model).__name__,
                 model_params=sum(p.numel() for p in model.parameters()), capture_failures=cap.failures)
@@ -217,7 +233,24 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
     if match.writer.out_features != hidden:
         skipped.setdefault(writer, f"writes width {match.writer.out_features}, not the hidden size {hidden}")
         return
-    readers = list(dict.fromkeys(r.fqn for r in match.readers))
+    if not match.writer.layer:
+        for r in match.readers:
+            if r.layer:
+                skipped.setdefault(r.fqn, f"reads the input of a residual branch whose writer ({writer}) is a weight "
+                                          "product, not a linear layer called as a module; the branch is left dense")
+        return   # the writer's own reason comes from _product_reasons
+    products = [r.where if r.where.startswith(r.fqn + ".") else r.fqn for r in match.readers if not r.layer]
+    readers = list(dict.fromkeys(r.fqn for r in match.readers if r.layer))
+    if not readers:
+        skipped[writer] = (f"every reader of its branch ({', '.join(dict.fromkeys(products))}) is a weight product "
+                           "(x @ W, einsum or F.linear on a weight or a slice of it), "
+                           "not a linear layer called as a module; left dense")
+        return
+    roles = [r for r in readers if r in branches] + ([writer] if writer in reader_owner else [])
+    if roles:
+        skipped[writer] = (f"{roles} would be both a reader and a writer (the layer is used in two places "
+                           "that are not one branch); left dense")
+        return
     if writer in branches:
         if branches[writer].readers != readers:
             skipped[writer] = "called in several places with different readers; left dense"
@@ -243,7 +276,7 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
         return
     for r in readers:
         reader_owner[r] = writer
-    name = _common_parent(readers + [writer])
+    name = _holder(_common_parent(readers + [writer]), modules)
     branches[writer] = Branch(name=name, readers=readers, writer=writer, input=match.input_desc,
                               reader_shapes={r: linear_features(modules[r]) for r in readers},
                               writer_shape=linear_features(modules[writer]))

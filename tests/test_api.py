@@ -189,13 +189,13 @@ def test_a_branch_inside_nn_sequential_is_not_called_by_it():
     dense = model(x)
     mohdify.mohdify(model, mohdify.MoHDConfig.dense(num_groups=4, num_shared=1), example_inputs=(x,))
     assert [type(m).__name__ for m in model.mlp] == ["MoHDReader", "GELU", "MoHDWriter"]
-    assert isinstance(model.mohd_mlp, MoHDBranch) and "mohd.router" not in str(list(model.state_dict()))
-    assert "mohd_mlp.router" in model.state_dict()
+    assert model.mohd_plan.branches[0].name == ""   # the closest module that is not a container: the root
+    assert isinstance(model.mohd, MoHDBranch) and "mohd.router" in model.state_dict()
     assert torch.allclose(model(x), dense, atol=1e-6)
     gm = mohdify.graph(model, (x,))
-    assert "mohd_route__mlp" in [n.name for n in gm.graph.nodes]
+    assert gm.summary().splitlines()[1:] == ["(branch):", "  route", "  read  mlp.0", "  write mlp.2"]
     mohdify.demohdify(model)
-    assert [type(m).__name__ for m in model.mlp] == ["Linear", "GELU", "Linear"] and not hasattr(model, "mohd_mlp")
+    assert [type(m).__name__ for m in model.mlp] == ["Linear", "GELU", "Linear"] and not hasattr(model, "mohd")
 
 
 def test_a_rewrite_that_cannot_run_is_rolled_back(monkeypatch):

@@ -124,6 +124,61 @@ EXTRA = {
                                              num_key_value_heads=2), D,
                            {**_layers("model.layers.{i}.self_attn", 2, *_ATTN),
                             **_layers("model.layers.{i}.mlp", 2, ["c_fc"], "c_proj")}, never=["lm_head"]),
+    # --- issue 7: more architectures, readers/writers from the transformers 5.x modeling code
+    # parallel: attn and mlp both read input_layernorm(h); residual + attn + mlp in one sum
+    "cohere": ZooModel("cohere", _lm("CohereForCausalLM", "CohereConfig", **_C, num_key_value_heads=2), D,
+                       _llama_like(), never=["lm_head"]),
+    "mpt": ZooModel("mpt", _lm("MptForCausalLM", "MptConfig", vocab_size=VOCAB, d_model=D, n_heads=4, n_layers=2,
+                               expansion_ratio=2, max_seq_len=64), D,
+                    _qkv("transformer.blocks.{i}", "attn", "Wqkv", "out_proj", "ffn", "up_proj", "down_proj"),
+                    never=["lm_head"]),
+    # fused qkv_proj and gate_up_proj are one reader each
+    "phi3": ZooModel("phi3", _lm("Phi3ForCausalLM", "Phi3Config", **_C, num_key_value_heads=2, pad_token_id=0), D,
+                     _qkv("model.layers.{i}", "self_attn", "qkv_proj", "o_proj", "mlp", "gate_up_proj", "down_proj"),
+                     never=["lm_head"]),
+    "gemma": ZooModel("gemma", _lm("GemmaForCausalLM", "GemmaConfig", **_C, num_key_value_heads=2, head_dim=16), D,
+                      _llama_like(), never=["lm_head"]),
+    # MLA: q_a_proj and kv_a_proj_with_mqa read the branch input; q_b_proj / kv_b_proj read the
+    # low-rank latents (inner). Layer 0 is dense (first_k_dense_replace=1); layer 1 is MoE: its
+    # shared experts are a branch, the routed experts (stacked weights) and the router stay dense.
+    "deepseek_v3": ZooModel("deepseek_v3", _lm("DeepseekV3ForCausalLM", "DeepseekV3Config", **_C,
+                                               num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                                               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                               n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                                               moe_intermediate_size=32, first_k_dense_replace=1, n_group=1,
+                                               topk_group=1), D,
+                            {**_layers("model.layers.{i}.self_attn", 2, ["q_a_proj", "kv_a_proj_with_mqa"], "o_proj"),
+                             **_layers("model.layers.{i}.mlp", 1, *_GLU),
+                             "model.layers.1.mlp.shared_experts": (
+                                 [f"model.layers.1.mlp.shared_experts.{r}" for r in _GLU[0]],
+                                 "model.layers.1.mlp.shared_experts.down_proj")},
+                            never=["lm_head", "model.layers.0.self_attn.q_b_proj", "model.layers.0.self_attn.kv_b_proj",
+                                   "model.layers.1.mlp.gate"]),
+    "t5_encoder": ZooModel("t5_encoder", lambda: (_hf("T5EncoderModel", "T5Config", vocab_size=VOCAB, d_model=32,
+                                                      d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+                                                  {"input_ids": _ids()}), 32,
+                           {**_layers("encoder.block.{i}.layer.0.SelfAttention", 2, ["q", "k", "v"], "o"),
+                            **_layers("encoder.block.{i}.layer.1.DenseReluDense", 2, ["wi"], "wo")}),
+    # pre-norm encoder; fc1 / fc2 sit in the layer itself; projector and classifier are the head
+    "whisper_encoder": ZooModel("whisper_encoder", lambda: (
+        _hf("WhisperForAudioClassification", "WhisperConfig", vocab_size=VOCAB, d_model=D, encoder_layers=2,
+            encoder_attention_heads=4, encoder_ffn_dim=96, num_mel_bins=16, max_source_positions=8,
+            decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=96, num_labels=3),
+        {"input_features": torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))}), D,
+        {**_layers("encoder.layers.{i}.self_attn", 2, _bart_attn, "out_proj"),
+         **_layers("encoder.layers.{i}", 2, ["fc1"], "fc2")}, never=["projector", "classifier"]),
+    "clip_text": ZooModel("clip_text", lambda: (_hf("CLIPTextModel", "CLIPTextConfig", vocab_size=VOCAB, hidden_size=D,
+                                                    intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                                    max_position_embeddings=64), {"input_ids": _ids()}), D,
+                          _qkv("encoder.layers.{i}", "self_attn", _bart_attn, "out_proj", "mlp", "fc1", "fc2")),
+    # residual kept in fp32 (residual.to(torch.float32) on the stream); x_proj reads the conv output
+    # (inner); dt_proj's weight is used as `dt_proj.weight @ time_step` in the mixer, not via its forward
+    "mamba": ZooModel("mamba", _lm("MambaForCausalLM", "MambaConfig", vocab_size=VOCAB, hidden_size=D, state_size=8,
+                                   num_hidden_layers=2, intermediate_size=128, time_step_rank=8, conv_kernel=4,
+                                   residual_in_fp32=True), D,
+                      _layers("backbone.layers.{i}.mixer", 2, ["in_proj"], "out_proj"),
+                      never=["lm_head", "backbone.layers.0.mixer.x_proj", "backbone.layers.0.mixer.dt_proj",
+                             "backbone.layers.1.mixer.dt_proj"]),
 }
 
 

@@ -1,0 +1,201 @@
+"""The graph view the analysis works on: op tables, node helpers, and a networkx view of an FX graph.
+
+IR level: any FX graph whose nodes carry shapes (export: meta['val'], dynamo: meta['example_value']);
+ATen targets (export) and torch-level targets (dynamo: functions and tensor methods) are both listed.
+
+Dynamo graphs are not functional: `y.add_(f)` is a node with no users, and later code keeps using
+`y`. `GraphView` reads such a graph as if it were functional: every use of `y` after an in-place op
+on it is an edge from that op (`GraphView.arg` gives the version of an argument a node really
+reads). The FX graph itself is never changed.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import networkx as nx
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .capture import _join, module_path, node_value
+
+__all__ = ["GraphView", "ADD_TARGETS", "ADD_METHODS", "SUB_TARGETS", "LINEAR_TARGETS", "EINSUM_TARGETS",
+           "is_add", "is_sub", "innermost_module", "canonical", "numel", "last_dim", "op_name"]
+
+aten = torch.ops.aten
+LINEAR_TARGETS = {
+    aten.linear.default: (0, 1), aten.addmm.default: (1, 2), aten.mm.default: (0, 1), aten.matmul.default: (0, 1),
+    aten.bmm.default: (0, 1),
+    torch._C._nn.linear: (0, 1), torch.nn.functional.linear: (0, 1), torch.addmm: (1, 2), torch.mm: (0, 1),
+    torch.matmul: (0, 1), operator.matmul: (0, 1),
+}  # target -> (index of the input arg, index of the weight arg)
+LINEAR_METHODS = {"matmul": (0, 1), "__matmul__": (0, 1), "mm": (0, 1)}
+EINSUM_TARGETS = {aten.einsum.default, torch.einsum, torch.functional.einsum}
+ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+SUB_TARGETS = {aten.sub.Tensor, aten.sub_.Tensor, operator.sub, operator.isub, torch.sub}
+SUB_METHODS = {"sub", "sub_", "__sub__", "__isub__"}
+# Ops that return their input unchanged in value (casts, aliases, copies).
+ALIAS_TARGETS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
+                 aten.clone.default, aten.contiguous.default, aten.detach.default, aten.type_as.default}
+ALIAS_METHODS = {"to", "type", "contiguous", "clone", "detach", "float", "type_as", "half", "bfloat16", "double"}
+MUL_TARGETS = {aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, operator.mul, operator.imul, torch.mul}
+MUL_METHODS = {"mul", "mul_", "__mul__", "__rmul__"}
+DIV_TARGETS = {aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, operator.truediv, operator.itruediv, torch.div}
+DIV_METHODS = {"div", "div_", "__truediv__"}
+# Zero-preserving ops whose first argument carries the value (see analyze.py).
+PASS_FUNCTIONS = ALIAS_TARGETS | MUL_TARGETS | {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
+    aten.t.default, aten.numpy_T.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.flatten.using_ints, aten.expand.default, aten.dropout.default,
+    aten.lift_fresh_copy.default, aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
+    aten.neg.default, aten.rms_norm.default,
+    torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze, torch.dropout,
+    F.dropout, F.relu, F.gelu, F.silu, F.rms_norm, torch.rms_norm, torch.relu, torch.tanh, torch.neg, operator.neg,
+    torch.nn.functional.dropout1d, torch.nn.functional.dropout2d, torch.nn.functional.alpha_dropout,
+}
+PASS_METHODS = ALIAS_METHODS | MUL_METHODS | {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
+                                              "flatten", "expand", "relu", "tanh", "neg"}
+# Shape-only ops (used to split a residual update into its summands).
+SHAPE_FUNCTIONS = PASS_FUNCTIONS - MUL_TARGETS - {F.rms_norm, torch.rms_norm, aten.rms_norm.default, F.relu, F.gelu, F.silu,
+                                                  torch.relu, torch.tanh, torch.neg, operator.neg}
+SHAPE_METHODS = PASS_METHODS - MUL_METHODS - {"relu", "tanh", "neg"}
+
+
+def _in_place(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return isinstance(n.target, str) and n.target.endswith("_") and not n.target.endswith("__")
+    if n.op == "call_function":
+        if n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
+            return True
+        schema = getattr(n.target, "_schema", None)
+        return schema is not None and bool(schema.arguments) and schema.arguments[0].alias_info is not None \
+            and schema.arguments[0].alias_info.is_write
+    return False
+
+
+def _is_call(n: fx.Node, functions: set, methods: set) -> bool:
+    return (n.op == "call_function" and n.target in functions) or (n.op == "call_method" and n.target in methods)
+
+
+def is_add(n: fx.Node) -> bool:
+    """An add of two tensors (h + f, torch.add, h.add(f), h.add_(f, alpha=...), +=)."""
+    return _is_call(n, ADD_TARGETS, ADD_METHODS) and len(n.args) >= 2 and \
+        isinstance(n.args[0], fx.Node) and isinstance(n.args[1], fx.Node)
+
+
+def is_sub(n: fx.Node) -> bool:
+    return _is_call(n, SUB_TARGETS, SUB_METHODS)
+
+
+def is_mul(n: fx.Node) -> bool:
+    return _is_call(n, MUL_TARGETS, MUL_METHODS)
+
+
+def is_div(n: fx.Node) -> bool:
+    return _is_call(n, DIV_TARGETS, DIV_METHODS)
+
+
+def is_alias(n: fx.Node) -> bool:
+    return _is_call(n, ALIAS_TARGETS, ALIAS_METHODS)
+
+
+def is_shape_only(n: fx.Node) -> bool:
+    return _is_call(n, SHAPE_FUNCTIONS, SHAPE_METHODS)
+
+
+def innermost_module(node: fx.Node, prefix: str = "") -> tuple[str, str]:
+    """(qualified name, class name) of the innermost module a node was traced in; ("", "") if none."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    return _join(prefix, module_path(path)), cls_name(cls)
+
+
+def cls_name(cls) -> str:
+    return cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
+
+
+def canonical(node: fx.Node) -> fx.Node:
+    """The node whose value `node` merely passes on (through same-shape casts, aliases, copies)."""
+    while True:
+        src = node.args[0] if node.args else None
+        if not is_alias(node) or not isinstance(src, fx.Node):
+            return node
+        a, b = node_value(node), node_value(src)
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            return node
+        node = src
+
+
+def numel(node) -> Optional[int]:
+    val = node_value(node) if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return None
+    try:
+        return int(val.numel())
+    except (TypeError, RuntimeError):   # symbolic sizes
+        return None
+
+
+def last_dim(node) -> Optional[int]:
+    val = node_value(node) if isinstance(node, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    try:
+        return int(val.shape[-1])
+    except (TypeError, RuntimeError):
+        return None
+
+
+def op_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", None) or str(t)
+
+
+class GraphView:
+    """networkx view of an FX graph, read as functional (see the module docstring), with cached
+    ancestor sets."""
+
+    def __init__(self, graph: fx.Graph):
+        self.g = nx.DiGraph()
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self._args: dict[fx.Node, dict[fx.Node, fx.Node]] = {}
+        latest: dict[fx.Node, fx.Node] = {}
+        for n in graph.nodes:
+            self.g.add_node(n)
+            resolved = {}
+            for inp in n.all_input_nodes:
+                src = latest.get(inp, inp)
+                resolved[inp] = src
+                self.g.add_edge(src, n)
+            self._args[n] = resolved
+            if _in_place(n) and n.args and isinstance(n.args[0], fx.Node):
+                base = n.args[0]
+                latest[base] = n
+                root = resolved.get(base, base)
+                if root is not base:
+                    latest[root] = n
+        self._anc: dict[fx.Node, set] = {}
+
+    def ancestors(self, n: fx.Node) -> set:
+        if n not in self._anc:
+            self._anc[n] = nx.ancestors(self.g, n)
+        return self._anc[n]
+
+    def users(self, n: fx.Node) -> list[fx.Node]:
+        return sorted(self.g.successors(n), key=self.order.get)
+
+    def inputs(self, n: fx.Node) -> list[fx.Node]:
+        return [self._args[n].get(i, i) for i in n.all_input_nodes]
+
+    def arg(self, n: fx.Node, i: int):
+        """n.args[i], as the version of that value n really reads (after in-place ops)."""
+        a = n.args[i] if i < len(n.args) else None
+        return self._args[n].get(a, a) if isinstance(a, fx.Node) else a
+
+    def add_operands(self, n: fx.Node) -> list[fx.Node]:
+        return [self.arg(n, 0), self.arg(n, 1)]
