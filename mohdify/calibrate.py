@@ -3,7 +3,8 @@ with the highest mean energy ||x[group]||^2 over the calibration tokens become t
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

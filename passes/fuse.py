@@ -200,7 +200,8 @@ def _passes_values_through(node: fx.Node, src: fx.Node) -> bool:
 
 
 def _is_plain_add(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")) \
+    return ((node.op == "call_function" and node.target in _ADDS)
+            or (node.op == "call_method" and node.target == "add")) \
         and len(node.args) == 2 and not node.kwargs
 
 

@@ -79,12 +79,13 @@ class RoutingRecorder:
         for b in self.plan.branches:
             branch = branch_of(self.model, b.writer)
             self._wrap_route(branch)
+            key = id(branch)
             for name in b.readers:
-                def after_read(module, args, out, name=name, key=id(branch)):
+                def after_read(module, args, out, name=name, key=key):
                     self.reads[name].append(self._last[key])   # readers of one input share its routing
                 self._handles.append(self.model.get_submodule(name).register_forward_hook(after_read))
 
-            def before_write(module, args, name=b.writer, key=id(branch)):
+            def before_write(module, args, name=b.writer, key=key):
                 self.writes[name].append(self._last[key]["gates"])
             self._handles.append(self.model.get_submodule(b.writer).register_forward_pre_hook(before_write))
         return self

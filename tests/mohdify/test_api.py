@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from zoo import ZOO
 
 import mohdify
 from mohdify.modules import MoHDBranch, MoHDReader, MoHDWriter
 from mohdify.routing import balance_loss
-from zoo import ZOO
 
 CFG = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1)   # density 0.5
 
@@ -81,7 +81,8 @@ def test_graph_shows_named_mohd_ops_and_runs():
     assert torch.equal(logits, ref.logits)
     summary = gm.summary()
     assert summary.splitlines()[0] == "MoHD graph: 4 routings, 4 reads, 4 writes"
-    assert "transformer.h.1.mlp:\n  route\n  read  transformer.h.1.mlp.c_fc\n  write transformer.h.1.mlp.c_proj" in summary
+    assert ("transformer.h.1.mlp:\n  route\n  read  transformer.h.1.mlp.c_fc\n"
+            "  write transformer.h.1.mlp.c_proj") in summary
 
 
 def test_graph_requires_a_mohdified_model():
@@ -106,7 +107,6 @@ def test_aux_loss_value_matches_the_spec_formula():
     assert torch.equal(mohdify.aux_loss(model), expected)
     assert all(not b.balance_log.items for b in mohdify.branches(model))   # taken
     # with all tokens on one group, f = (1, 0, 0) and the loss is N_r * P_0 per branch
-    branch = mohdify.branches(model)[0]
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]])
     topk = torch.tensor([[0], [0]])
     assert torch.allclose(balance_loss(probs, topk), torch.tensor(3 * 0.6))

@@ -16,19 +16,18 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
+from strategies import main_output, run
 from torch import nn
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
-
-import mohdify
-from conftest import assert_close
-from strategies import main_output, run
-from mohdify.codegen import read_naive, write_naive
-from mohdify.modules import MoHDBranch
-from mohdify.backend import backend_config
-from mohdify.errors import ConfigError
 from zoo import ZOO, _ids
 
+import mohdify
+from mohdify.backend import backend_config
+from mohdify.codegen import read_naive, write_naive
+from mohdify.errors import ConfigError
+from mohdify.modules import MoHDBranch
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 

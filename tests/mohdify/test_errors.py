@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 from torch import nn
+from zoo import ZOO
 
 import mohdify
 from mohdify import ConfigError, InputError, MoHDConfig, UnsupportedModelError
-from zoo import ZOO
 
 
 def _snapshot(model):

@@ -10,13 +10,13 @@ import threading
 import pytest
 import torch
 import torch.utils.checkpoint as ckpt
-from torch import nn
-
-import mohdify
 from conftest import assert_close
 from reference import randomize_branches
 from strategies import main_output
+from torch import nn
 from zoo import ZOO
+
+import mohdify
 
 CFG = mohdify.MoHDConfig(num_groups=8, num_shared=2, top_k=2)
 

@@ -11,15 +11,15 @@ import io
 
 import pytest
 import torch
+from conftest import assert_close
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-
-import mohdify
-from conftest import assert_close
-from mohdify.modules import MoHDBranch
 from reference import RoutingRecorder, check_routing, check_writes, masked_reference, randomize_branches, spec_routing
 from strategies import Case, cases, main_output, output_tensors, run, tied_inputs
 from zoo import ZOO
+
+import mohdify
+from mohdify.modules import MoHDBranch
 
 ALL = list(ZOO)
 MASKED = ["nanogpt", "llama", "gpt2", "bert", "t5", "vit", "mixtral"]
