@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mohdify.codegen.cpu.layout import lay_out_reader_weight, restore_row_major
 from mohdify.config import MoHDConfig
 from mohdify.modules import MoHDBranch, MoHDReader, MoHDWriter, _MoHDLinear
 from mohdify.plan import Plan
@@ -58,6 +59,7 @@ def apply_plan(model: nn.Module, plan: Plan, config: MoHDConfig) -> list[MoHDBra
             for name in b.readers:
                 layer = model.get_submodule(name)
                 swap(*_parent(model, name), MoHDReader(layer, branch, transposed=not isinstance(layer, nn.Linear)))
+                lay_out_reader_weight(layer)   # CPU: each group's weight columns contiguous (codegen/cpu)
             swap(*_parent(model, b.writer), MoHDWriter(writer, branch, transposed=not isinstance(writer, nn.Linear)))
             made.append(branch)
     except BaseException:
@@ -85,6 +87,7 @@ def remove_mohd(model: nn.Module) -> None:
         if isinstance(module, _MoHDLinear):
             holder, attr = _parent(model, name)
             setattr(holder, attr, module.original)
+            restore_row_major(module.original)   # undo lay_out_reader_weight (codegen/cpu/layout.py)
     for name, module in list(model.named_modules()):
         if isinstance(module, MoHDBranch):
             holder, attr = _parent(model, name)

@@ -1,8 +1,8 @@
 """`mohdify::read_multi`: all readers of one branch input (q|k|v, gate|up) as one op.
 
 The torch.compile backend's fusion pass (mohdify.passes.fuse) puts it where several
-`mohdify::read` calls share x, mask and alpha. On CPU it is the per-weight reference in a loop
-(the numbers of the separate reads, bit for bit); on CUDA one Triton launch per 4 weights
+`mohdify::read` calls share x, mask and alpha. On CPU it is the CPU reader kernel per weight with
+the routing read once (`codegen/cpu/read.py`: the numbers of the separate reads, bit for bit); on CUDA one Triton launch per 4 weights
 (`read_multi_triton`). The backward is the reader's, per weight (`mohdify::read_backward`), with
 the gradients of x and alpha summed over the weights. Biases get gradients when every weight has
 one or none has (torch.library differentiates a list only when all its entries are tensors).
@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..cpu.read import read_multi_cpu
 from .dispatch import read_backward
 from .naive import read_naive
 
@@ -95,3 +96,4 @@ def _backward(ctx, grads):
 
 
 read_multi.register_autograd(_backward, setup_context=_setup_context)
+read_multi.register_kernel("cpu")(read_multi_cpu)

@@ -1,8 +1,8 @@
 """`mohdify::write_add`: the MoHD writer with the residual add fused, h + write(u, ...).
 
 The torch.compile backend's fusion pass (mohdify.passes.fuse) puts it where a `mohdify::write`
-result reaches nothing but the residual add. On CPU it is `write_naive(...) + residual` (the
-numbers of the separate write and add, bit for bit); on CUDA `write_triton(..., residual=...)`,
+result reaches nothing but the residual add. On CPU it is the CPU writer kernel plus the residual
+(`codegen/cpu/write.py`: the numbers of the separate write and add, bit for bit); on CUDA `write_triton(..., residual=...)`,
 which adds the residual in the writer's (or the mixing kernel's) epilogue. The backward is the
 writer's (`mohdify::write_backward`); the residual's gradient is the incoming gradient.
 
@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..cpu.write import write_add_cpu
 from .dispatch import write_backward
 from .naive import write_naive
 
@@ -71,3 +72,4 @@ def _backward(ctx, grad):
 
 
 write_add.register_autograd(_backward, setup_context=_setup_context)
+write_add.register_kernel("cpu")(write_add_cpu)
