@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="eager providers only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads (0: torch's default). On a shared 2-core machine 1 thread avoids "
+                        "OpenMP barriers waiting on a core another process holds (codegen/README.md)")
     p.add_argument("--out", required=True)
     return p
 
@@ -158,6 +161,8 @@ def run_density(delta: float, shape: Shape, dense, mohd_model, args, prompt, lon
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.smoke:
         args.shape, args.new_tokens, args.rounds, args.prefill, args.prefill_rounds = "smoke", 3, 1, 24, 1
     shape = CPU_SHAPES[args.shape]

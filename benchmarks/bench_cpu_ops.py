@@ -12,8 +12,9 @@ groups shared, the rest drawn at random per token); fp32 and bf16. Providers:
   kernel  torch.ops.mohdify.read / write on CPU (codegen/cpu), reader weight column-major as
           mohdify lays it out at rewrite time.
 Decode is bound by reading weights, so each provider cycles over enough copies of its weights
-(--cycle-mb, default 700 MB, above the 480 MB L3 this machine reports) that the cache cannot
-help. Each round times every provider once, in turn (interleaved); a figure is the median over
+(--cycle-mb, default 1000 MB, twice the 480 MB L3 this machine reports) that the cache cannot
+help: the ideal gets 1/delta as many (cut) copies, and the reference and the kernel draw new
+routing per weight copy and per round, so the blocks they touch change as a decode's do. Each round times every provider once, in turn (interleaved); a figure is the median over
 rounds of the per-round ratio dense time / provider time. Targets (fp32, decode, delta 0.5 / 0.25):
 kernel >= 1.7x / >= 3x dense; rows that miss say by how much.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -51,8 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--deltas", default="0.5,0.25")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--cycle-mb", type=float, default=700.0, help="weight bytes each provider cycles over at decode")
+    p.add_argument("--cycle-mb", type=float, default=1000.0,
+                   help="weight bytes dense cycles over at decode (the others: the same footprint)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds: a plumbing check")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads (0: torch's default). On a shared 2-core machine 1 thread avoids "
+                        "OpenMP barriers waiting on a core another process holds (codegen/README.md)")
     p.add_argument("--out", required=True)
     return p
 
@@ -80,32 +86,45 @@ def time_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def providers(kind: str, dim: int, ffn: int, tokens: int, delta: float, dtype, weights, gen):
-    """weights: (row-major copies, column-major copies) of the full weight; each fn returns its call count."""
+def providers(kind: str, dim: int, ffn: int, tokens: int, delta: float, dtype, weights, ideal_copies: int,
+              rounds: int, gen):
+    """weights: (row-major copies, column-major copies) of the full weight. Routing is drawn per weight
+    copy and per round (decode routing changes every token), so the kernel's touched blocks change
+    and it cannot live in the cache; the ideal gets its own copies, as many as make its footprint
+    that of dense. Each fn returns its number of layer calls."""
     from mohdify.codegen.read.naive import read_naive
     from mohdify.codegen.write.naive import write_naive
 
     rows, cols = weights
-    mask = routing(tokens, delta, gen)                                        # [T, N]
+    masks = [[routing(tokens, delta, gen) for _ in rows] for _ in range(rounds + 1)]   # [T, N] each
+    calls = {"ref": 0, "kernel": 0}
+
+    def next_masks(name):
+        calls[name] += 1
+        return masks[(calls[name] - 1) % len(masks)]
+
     width = round(delta * dim)
     ops = torch.ops.mohdify
     if kind == "read":
         x = torch.randn(tokens, dim, generator=gen).to(dtype)                 # [T, D]
         x_cut = x[:, :width].contiguous()                                     # [T, delta D]
-        cut = [w[:, :width].contiguous() for w in rows]                       # [O, delta D]
+        cut = [(torch.randn(ffn, width, generator=gen) / math.sqrt(dim)).to(dtype) for _ in range(ideal_copies)]
         fns = {"dense": lambda: [F.linear(x, w) for w in rows] and len(rows),
                "ideal": lambda: [F.linear(x_cut, w) for w in cut] and len(cut),
-               "ref": lambda: [read_naive(x, w, None, mask, None) for w in cols] and len(cols),
-               "kernel": lambda: [ops.read(x, w, None, mask, None) for w in cols] and len(cols)}
+               "ref": lambda: [read_naive(x, w, None, m, None) for w, m in zip(cols, next_masks("ref"))] and len(cols),
+               "kernel": lambda: [ops.read(x, w, None, m, None) for w, m in zip(cols, next_masks("kernel"))]
+               and len(cols)}
     else:
         u = torch.randn(tokens, ffn, generator=gen).to(dtype)                 # [T, I]
-        gates = mask.to(dtype)                                                # [T, N]
-        cut = [w[:width].contiguous() for w in rows]                          # [delta D, I]
+        gates = [[m.to(dtype) for m in ms] for ms in masks]                   # [T, N] each
+        masks = gates
+        cut = [(torch.randn(width, ffn, generator=gen) / math.sqrt(ffn)).to(dtype) for _ in range(ideal_copies)]
         fns = {"dense": lambda: [F.linear(u, w) for w in rows] and len(rows),
                "ideal": lambda: [F.linear(u, w) for w in cut] and len(cut),
-               "ref": lambda: [write_naive(u, w, None, gates, None) for w in rows] and len(rows),
-               "kernel": lambda: [ops.write(u, w, None, gates, None) for w in rows] and len(rows)}
-    return fns, mask
+               "ref": lambda: [write_naive(u, w, None, g, None) for w, g in zip(rows, next_masks("ref"))] and len(rows),
+               "kernel": lambda: [ops.write(u, w, None, g, None) for w, g in zip(rows, next_masks("kernel"))]
+               and len(rows)}
+    return fns, masks[0][0] != 0
 
 
 def run(args) -> list[dict]:
@@ -127,7 +146,9 @@ def run(args) -> list[dict]:
                     use = base if tokens <= 16 else base[:2]                  # prefill is compute-bound
                     use_c = colmajor if tokens <= 16 else colmajor[:2]
                     for delta in (float(d) for d in args.deltas.split(",")):
-                        fns, mask = providers(kind, dim, ffn, tokens, delta, dtype, (use, use_c), gen)
+                        n_ideal = len(use) if tokens > 16 else max(2, math.ceil(len(use) / delta))
+                        fns, mask = providers(kind, dim, ffn, tokens, delta, dtype, (use, use_c), n_ideal,
+                                              2 if args.smoke else args.rounds, gen)
                         times = time_rounds(fns, 2 if args.smoke else args.rounds)
                         ratio = {k: statistics.median(d / t for d, t in zip(times["dense"], v)) for k, v in times.items()}
                         row = {"shape": shape, "kind": kind, "dtype": str(dtype).replace("torch.", ""),
@@ -150,12 +171,14 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(format_table([], COLUMNS))
     rows = run(args)
     print()
     print(format_table(rows, COLUMNS))
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "git_sha": git_sha(),
+    env = {"loadavg_end": os.getloadavg(), "torch": torch.__version__, "threads": torch.get_num_threads(), "git_sha": git_sha(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": _cpu_name()}
     write_json(Path(args.out) / "cpu_ops.json", {"env": env, "args": vars(args), "results": rows})
     return 0

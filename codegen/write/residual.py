@@ -1,6 +1,6 @@
 """`mohdify::write_add`: the MoHD writer with the residual add fused, h + write(u, ...).
 
-The torch.compile backend's fusion pass (mohdify.passes.fuse) puts it where a `mohdify::write`
+The torch.compile backend's fusion pass (passes/fuse.py) puts it where a `mohdify::write`
 result reaches nothing but the residual add. On CPU it is the CPU writer kernel plus the residual
 (`codegen/cpu/write.py`: the numbers of the separate write and add, bit for bit); on CUDA `write_triton(..., residual=...)`,
 which adds the residual in the writer's (or the mixing kernel's) epilogue. The backward is the
@@ -9,13 +9,13 @@ writer's (`mohdify::write_backward`); the residual's gradient is the incoming gr
 Shape legend: T = tokens, I = in_features, D = out_features, N = groups.
 """
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..cpu.write import write_add_cpu
+from ..fallback import kernel_or_reference
 from .dispatch import write_backward
 from .naive import write_naive
 
@@ -44,14 +44,14 @@ def _write_add_fake(u, weight, bias, gates, fusion, residual):
 def _write_add_cuda(u, weight, bias, gates, fusion, residual):
     from .launch import check_write_inputs, write_triton
 
-    try:
+    def check():
         check_write_inputs(u, weight, bias, gates, fusion, residual)
         if residual.dtype != u.dtype:
             raise ValueError(f"residual has dtype {residual.dtype}, but u has {u.dtype}: the fused add needs them equal")
-    except ValueError as err:
-        warnings.warn(f"mohdify::write_add on CUDA runs the reference path: {err}", stacklevel=2)
-        return write_add_naive(u, weight, bias, gates, fusion, residual)
-    return write_triton(u, weight, bias, gates, fusion, residual=residual)
+
+    return kernel_or_reference("mohdify::write_add", check,
+                               lambda: write_triton(u, weight, bias, gates, fusion, residual=residual),
+                               lambda: write_add_naive(u, weight, bias, gates, fusion, residual))
 
 
 def _setup_context(ctx, inputs, output):

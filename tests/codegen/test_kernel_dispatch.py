@@ -13,7 +13,7 @@ import torch
 import mohdify.codegen  # noqa: F401  (registers torch.ops.mohdify.*)
 from conftest import TOLERANCES
 from kernel_cases import check, f64
-from mohdify.codegen._utils import interpreting
+from mohdify.codegen.launch_common import interpreting
 from mohdify.codegen.read.naive import read_backward_naive, read_naive
 from mohdify.codegen.write.naive import write_backward_naive, write_naive
 
@@ -85,12 +85,14 @@ def test_ops_pass_opcheck_with_the_backward_ops():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens, groups, group_size", [(1, 16, 256), (7, 8, 16), (300, 16, 64), (33, 4, 512)])
 def test_cuda_ops_run_triton_and_match_reference(dtype, tokens, groups, group_size, monkeypatch):
+    from mohdify.codegen.read import backward as read_backward
     from mohdify.codegen.read import launch as read_launch
+    from mohdify.codegen.write import backward as write_backward
     from mohdify.codegen.write import launch as write_launch
 
     calls = []
     for module, name in ((read_launch, "read_triton"), (write_launch, "write_triton"),
-                         (read_launch, "read_backward_triton"), (write_launch, "write_backward_triton")):
+                         (read_backward, "read_backward_triton"), (write_backward, "write_backward_triton")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     dim = groups * group_size
