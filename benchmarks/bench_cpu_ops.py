@@ -153,7 +153,7 @@ def run(args) -> list[dict]:
                         ratio = {k: statistics.median(d / t for d, t in zip(times["dense"], v)) for k, v in times.items()}
                         row = {"shape": shape, "kind": kind, "dtype": str(dtype).replace("torch.", ""),
                                "tokens": tokens, "delta": delta, "D": dim, "FFN": ffn, "copies": len(use),
-                               "path": plan_groups(mask, dtype).path,
+                               "path": plan_groups(mask, dtype, kind).path,
                                "union": mask.any(0).float().mean().item(),
                                "dense_ms": statistics.median(times["dense"]) * 1e3,
                                "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},

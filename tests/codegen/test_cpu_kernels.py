@@ -151,10 +151,14 @@ def test_paths_and_layout():
     many = torch.zeros(64, 16, dtype=torch.bool)
     many[:, :2] = True
     many[torch.arange(64), 2 + torch.arange(64) % 14] = True                   # delta 3/16 per token
-    assert cpu_plan.plan_groups(many[:1], dt).path == "decode"
-    assert cpu_plan.plan_groups(many, dt).path == "grouped"
-    assert cpu_plan.plan_groups(many, torch.bfloat16).path == "dense"      # bf16 prefill: dense is faster
-    assert cpu_plan.plan_groups(torch.ones(3, 4, dtype=torch.bool), dt).path == "dense"
+    for kind in ("read", "write"):
+        assert cpu_plan.plan_groups(many[:1], dt, kind).path == "decode"
+        assert cpu_plan.plan_groups(many, dt, kind).path == "grouped"
+        assert cpu_plan.plan_groups(many, torch.bfloat16, kind).path == "dense"   # bf16 prefill: dense is faster
+        assert cpu_plan.plan_groups(torch.ones(3, 4, dtype=torch.bool), dt, kind).path == "dense"
+    half = many.clone()
+    half[:, 2:8] = True                                                        # 8 or 9 of 16 groups per token
+    assert cpu_plan.plan_groups(half, dt, "write").path == "dense"
     assert cpu_plan.runs([0, 1, 2, 5, 6, 9]) == [(0, 3), (5, 7), (9, 10)]
     layer = torch.nn.Linear(12, 7)
     before = layer.weight.detach().clone()
