@@ -179,3 +179,23 @@ def test_errors_name_what_was_passed():
     u, w2, b2, gates, fusion, _ = writer_case(2, 4, 4, 5, torch.float32)
     with pytest.raises(ValueError, match=r"fusion has shape \(3, 3\): required \[4, 4\]"):
         write_cpu(u, w2, b2, gates, fusion[:3, :3])
+
+
+def test_backend_compiled_graph_runs_the_cpu_kernels(fresh_dynamo):
+    """Under torch.compile(backend="mohd") (inductor) the MoHD ops still reach the CPU kernels: NaN
+    weights of groups no token uses leave the output finite (the reference would return NaN), and the
+    result equals eager."""
+    x, w, b, mask, alpha = reader_case(1, 8, 8, 24, torch.float32, density=0.0, seed=7)   # group 0 only
+    u, w2, b2, gates, _, residual = writer_case(1, 8, 8, 24, torch.float32, density=0.0, seed=8)
+    w = w.clone()
+    w[:, 8:] = float("nan")                                                   # groups 1..7 unused
+    w2 = w2.clone()
+    w2[8:] = float("nan")
+
+    def branch(x, u, residual):
+        y = OPS.read(x, w, b, mask, alpha)                                    # [1, 24]
+        return OPS.write(u + y.sum(), w2, b2, gates, None) + residual         # [1, 64]
+
+    got = torch.compile(branch, backend="mohd", fullgraph=True)(x, u, residual)
+    assert torch.isfinite(got).all(), "the compiled graph ran the reference, not the CPU kernels"
+    assert torch.allclose(got, branch(x, u, residual), atol=1e-5, rtol=1e-5), "compiled differs from eager"
