@@ -50,7 +50,7 @@ def _read_decode(x: Tensor, xm: Tensor, weight: Tensor, bias, alpha, plan: Group
     y = None
     for a, b in runs(plan.used):
         cols = slice(a * group_size, b * group_size)
-        if x.shape[0] == 1:   # a GEMV: measured 5% faster than the [1, K] x [K, O] matmul
+        if x.shape[0] == 1 and x.dtype == torch.float32:   # GEMV: faster in fp32, slower in bf16 (measured)
             part = torch.mv(weight[:, cols], xm[0, cols])[None]               # [1, O]
         else:
             part = torch.mm(xm[:, cols], wt[cols])                            # [T, O]
