@@ -4,7 +4,7 @@ and what is required; never a wrong result."""
 import pytest
 import torch
 
-from mohdify.codegen._utils import KernelConfig
+from mohdify.codegen.launch_common import KernelConfig
 from mohdify.codegen.read.launch import read_triton
 from mohdify.codegen.write.launch import write_triton
 

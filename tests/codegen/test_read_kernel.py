@@ -9,8 +9,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from kernel_cases import Case, cases, check, f64, mask_of, randn
-from mohdify.codegen._utils import KernelConfig
-from mohdify.codegen.read.launch import read_backward_triton, read_triton
+from mohdify.codegen.launch_common import KernelConfig
+from mohdify.codegen.read.backward import read_backward_triton
+from mohdify.codegen.read.launch import read_triton
 from mohdify.codegen.read.naive import read_backward_naive, read_naive
 
 DECODE = Case(seed=1, tokens=1, groups=4, group_size=64, other=80, dtype=torch.bfloat16, density=0.5,

@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from kernel_cases import DTYPES, check, f64
-from mohdify.codegen._utils import KernelConfig
+from mohdify.codegen.launch_common import KernelConfig
 from mohdify.codegen.read.launch import read_multi_triton
 from mohdify.codegen.read.multi import read_multi_naive
 from mohdify.codegen.read.naive import read_naive

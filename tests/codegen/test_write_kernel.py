@@ -9,8 +9,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from kernel_cases import Case, cases, check, f64, mask_of, randn
-from mohdify.codegen._utils import KernelConfig
-from mohdify.codegen.write.launch import write_backward_triton, write_triton
+from mohdify.codegen.launch_common import KernelConfig
+from mohdify.codegen.write.backward import write_backward_triton
+from mohdify.codegen.write.launch import write_triton
 from mohdify.codegen.write.naive import write_backward_naive, write_naive
 
 DECODE = Case(seed=4, tokens=1, groups=4, group_size=64, other=96, dtype=torch.bfloat16, density=0.5,
