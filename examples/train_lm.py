@@ -32,6 +32,7 @@ from corpora import load_corpus  # noqa: E402
 import mohdify  # noqa: E402
 
 VOCAB = 256
+RESUME_MAY_CHANGE = ("out", "checkpoint", "keep_checkpoint", "no_progress", "threads", "eval_every")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -175,6 +176,12 @@ def train(args: argparse.Namespace) -> dict:
     state = {"step": 0, "history": [], "elapsed": 0.0, "ema": None}
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
+        same = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
+        was = {k: v for k, v in saved.get("args", {}).items() if k not in RESUME_MAY_CHANGE}
+        if same != was:
+            diff = {k: (was.get(k), v) for k, v in same.items() if was.get(k) != v}
+            raise SystemExit(f"checkpoint {ckpt} was written by a run with other settings {diff} (saved, now); "
+                             "remove it or pass the same arguments.")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
@@ -208,7 +215,7 @@ def train(args: argparse.Namespace) -> dict:
         if done % args.eval_every == 0 or done == args.steps:
             entry["val_bpb"] = round(evaluate(model, val_windows, args.batch)[0], 5)
             state["step"], state["elapsed"] = done, time.time() - t0
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "args": vars(args)}, ckpt)
         state["history"].append(entry)
         elapsed = time.time() - t0
         bar.set_postfix(bpb=f"{state['ema']:.3f}", val=state["history"][-1].get("val_bpb", "-"),

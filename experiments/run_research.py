@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-STEPS = 800
+STEPS = 500
 MOHD = ["--mohd", "--groups", "16", "--shared", "4", "--top-k", "4"]
 
 R3 = {

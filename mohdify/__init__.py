@@ -11,6 +11,7 @@ from .api import aux_loss, branches, demohdify, explain, graph, mohdify
 from .calibrate import calibrate
 from .config import MoHDConfig
 from .expand import expand, expand_config, expansion_mohd_config
+from .flow import Flow, flow, flow_from_activations
 from .errors import CaptureError, ConfigError, InputError, MohdifyError, UnsupportedModelError
 from .plan import Branch, Plan
 
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoHDConfig", "Plan", "Branch", "explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "calibrate",
-    "expand", "expand_config", "expansion_mohd_config",
+    "expand", "expand_config", "expansion_mohd_config", "flow", "Flow", "flow_from_activations",
     "MohdifyError", "ConfigError", "InputError", "CaptureError", "UnsupportedModelError",
 ]
