@@ -13,6 +13,8 @@ R1 compression: dense D=128; MoHD at delta 0.5 (16 groups, 4 shared, top-4); den
 R2 expansion: MoHD at D=256 (mohdify.expand_config x2) at density 1/2 (16 groups, 4 shared, top-4) vs dense
    D=128 (the R1 dense runs): same activated reader/writer parameters per token.
 R3 ablations at D=128, density 0.5, one seed; the baseline is R1's MoHD run with seed 0.
+R4 (activation flow, experiments/flow_r4.py) and R5 (MiniLM conversion, examples/convert_minilm.py) run in this
+   process when named in --only (`--only r4 r5`), so that pausing `run_research` pauses them too.
 """
 
 from __future__ import annotations
@@ -68,6 +70,24 @@ def command(exp: str, name: str, extra: list[str], steps: int) -> list[str]:
             "--no-progress", "--threads", "1", "--keep-checkpoint"] + extra
 
 
+def in_process(exp: str, list_only: bool) -> None:
+    out = RESULTS / "r5" / "minilm.json" if exp == "r5" else RESULTS / "r4" / "r4.json"
+    print(f"{exp}: {'done (skipped)' if out.exists() else 'pending'}", flush=True)
+    if out.exists() or list_only:
+        return
+    sys.path.insert(0, str(ROOT / "examples"))
+    sys.path.insert(0, str(ROOT / "experiments"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if exp == "r5":
+        import convert_minilm
+        sys.argv = ["examples/convert_minilm.py", "--out", str(out.relative_to(ROOT))]
+        convert_minilm.main(sys.argv[1:])
+    else:
+        import flow_r4
+        sys.argv = ["experiments/flow_r4.py"]
+        flow_r4.main([])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", default=None, help="experiments to run (r1 r2 r3)")
@@ -77,6 +97,9 @@ def main() -> None:
     p.add_argument("--logs", type=Path, default=Path(os.environ.get("MOHD_LOGS", "/tmp/mohdify-research-logs")))
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
+    for exp in ("r5", "r4"):
+        if args.only is not None and exp in args.only:
+            in_process(exp, args.list)
     todo = [r for r in runs(tuple(args.seeds)) if args.only is None or r[0] in args.only]
     pending = [r for r in todo if not (RESULTS / r[0] / f"{r[1]}.json").exists()]
     for exp, name, extra in todo:
