@@ -44,7 +44,8 @@ R3 = {
 
 
 def runs(seeds=(0, 1, 2)) -> list[tuple[str, str, list[str]]]:
-    """(experiment, run name, train_lm arguments) in priority order: R1 seed 0, R2 seed 0, R1/R2 other seeds, R3."""
+    """(experiment, run name, train_lm arguments) in priority order: R1 and R2 seed 0, R1 seed 1, R3 (seed 0),
+    then R1 seed 2 and R2 seeds 1-2 (on a shared 2-core machine the ablations come before the third seed)."""
     def r1(s):
         return [("r1", f"dense-d128-s{s}", ["--seed", str(s)]),
                 ("r1", f"mohd-d128-delta0.5-s{s}", MOHD + ["--seed", str(s)]),
@@ -56,12 +57,25 @@ def runs(seeds=(0, 1, 2)) -> list[tuple[str, str, list[str]]]:
     out = []
     if 0 in seeds:
         out += r1(0) + r2(0)
-    for s in seeds:
-        if s != 0:
-            out += r1(s) + r2(s)
+    if 1 in seeds:
+        out += r1(1)
     if 0 in seeds:
         out += [("r3", name, extra + ["--seed", "0"]) for name, extra in R3.items()]
+    out += [r for s in seeds if s > 1 for r in r1(s)] + [r for s in seeds if s > 0 for r in r2(s)]
     return out
+
+
+def lock_owner(exp: str, name: str) -> int | None:
+    """The pid of a live process that runs this run (from <run>.lock), or None."""
+    lock = RESULTS / exp / f"{name}.lock"
+    try:
+        pid = int(lock.read_text().strip())
+        if pid <= 0:
+            return None
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
 
 
 def command(exp: str, name: str, extra: list[str], steps: int) -> list[str]:
@@ -102,8 +116,12 @@ def main() -> None:
             in_process(exp, args.list)
     todo = [r for r in runs(tuple(args.seeds)) if args.only is None or r[0] in args.only]
     pending = [r for r in todo if not (RESULTS / r[0] / f"{r[1]}.json").exists()]
+    # runs started by another runner and still alive: count them against --jobs, never start them twice
+    elsewhere = {r[:2]: lock_owner(*r[:2]) for r in pending if lock_owner(*r[:2])}
+    pending = [r for r in pending if r[:2] not in elsewhere]
     for exp, name, extra in todo:
-        state = "pending" if (exp, name, extra) in pending else "done (skipped)"
+        state = ("pending" if (exp, name, extra) in pending else
+                 f"running elsewhere (pid {elsewhere[(exp, name)]})" if (exp, name) in elsewhere else "done (skipped)")
         print(f"{exp}/{name}: {state}", flush=True)
     if args.list:
         return
@@ -111,18 +129,21 @@ def main() -> None:
     running: list[tuple[subprocess.Popen, str]] = []
     failed = []
     while pending or running:
-        while pending and len(running) < args.jobs:
+        elsewhere = {k: pid for k, pid in elsewhere.items() if lock_owner(*k)}
+        while pending and len(running) + len(elsewhere) < args.jobs:
             exp, name, extra = pending.pop(0)
             (RESULTS / exp).mkdir(parents=True, exist_ok=True)
             log = open(args.logs / f"{exp}-{name}.log", "a")
             proc = subprocess.Popen(command(exp, name, extra, args.steps), stdout=log, stderr=subprocess.STDOUT,
                                     cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            (RESULTS / exp / f"{name}.lock").write_text(str(proc.pid))
             running.append((proc, f"{exp}/{name}"))
             print(f"started {exp}/{name} (pid {proc.pid})", flush=True)
         time.sleep(2)
         for proc, label in list(running):
             if proc.poll() is not None:
                 running.remove((proc, label))
+                (RESULTS / f"{label}.lock").unlink(missing_ok=True)
                 print(f"finished {label}: exit {proc.returncode}", flush=True)
                 if proc.returncode:
                     failed.append(label)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -173,6 +174,12 @@ def test_runner_skips_runs_whose_json_exists(tmp_path, monkeypatch, capsys):
     runner.main()
     out = capsys.readouterr().out
     assert out.count("done (skipped)") == 3 and "pending" not in out
+    # a run another live process holds (its .lock names a live pid) is not started twice
+    (tmp_path / "r1" / "dense-d64-s0.json").unlink()
+    (tmp_path / "r1" / "dense-d64-s0.lock").write_text(str(os.getpid()))
+    monkeypatch.setattr(runner.time, "sleep", lambda s: (tmp_path / "r1" / "dense-d64-s0.lock").write_text("0"))
+    runner.main()
+    assert f"r1/dense-d64-s0: running elsewhere (pid {os.getpid()})" in capsys.readouterr().out
     names = [n for _, n, _ in runner.runs((0, 1))]
     assert names[:4] == ["dense-d128-s0", "mohd-d128-delta0.5-s0", "dense-d64-s0", "mohd-d256-x2-delta0.5-s0"]
 
