@@ -93,6 +93,38 @@ def r3_table() -> tuple[str, dict]:
     return "\n".join(rows), record
 
 
+def r4_table() -> str:
+    path = RESULTS / "r4" / "r4.json"
+    if not path.exists():
+        return "(no R4 data yet)"
+    rows = ["| model | D | branches | top 10% dims: first branch | last branch | mean | top 25% of groups (mean) | "
+            "dims shared by >= 50% of tokens (mean per branch) |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in json.loads(path.read_text())["models"].items():
+        b = m["branches"]
+        top10 = [r["energy_top10%_dims"] for r in b]
+        groups = statistics.mean(r["energy_top25%_groups"] for r in b)
+        shared = statistics.mean(r["shared_dims"] for r in b)
+        rows.append(f"| {name} | {m['hidden']} | {len(b)} | {top10[0]:.3f} | {top10[-1]:.3f} | "
+                    f"{statistics.mean(top10):.3f} | {groups:.3f} | {shared:.1f} |")
+    return "\n".join(rows)
+
+
+def r5_table() -> str:
+    path = RESULTS / "r5" / "minilm.json"
+    if not path.exists():
+        return "(no R5 data yet)"
+    data = json.loads(path.read_text())
+    rows = ["| density | method | router | fine-tuning steps | cosine mean (min) | curve: step -> cosine |",
+            "|---|---|---|---|---|---|"]
+    for r in data["results"]:
+        curve = ", ".join(f"{c['step']}: {c['cosine_mean']:.3f}" for c in r.get("curve", []))
+        rows.append(f"| {r['density']} | {r['method']} | {r['router']} | {r['steps']} | "
+                    f"{r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {curve} |")
+    if not data.get("complete", True):
+        rows.append("\n(partial: the run had not finished all conditions when this table was made)")
+    return "\n".join(rows)
+
+
 def plot_curves(conditions, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -121,6 +153,7 @@ def main() -> None:
     text, record = r3_table()
     print(f"## r3\n{text}\n")
     (RESULTS / "r3.json").write_text(json.dumps(record, indent=1))
+    print(f"## r4\n{r4_table()}\n\n## r5\n{r5_table()}")
 
 
 if __name__ == "__main__":
