@@ -10,9 +10,9 @@ import math
 
 import pytest
 import torch
+from kernel_cases import check, f64
 
 import mohdify.codegen  # noqa: F401  (registers torch.ops.mohdify.*)
-from kernel_cases import check, f64
 from mohdify.codegen.cpu import plan as cpu_plan
 from mohdify.codegen.cpu.layout import is_column_major, lay_out_reader_weight, restore_row_major
 from mohdify.codegen.cpu.read import read_cpu, read_multi_cpu

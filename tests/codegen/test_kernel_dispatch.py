@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-
-import mohdify.codegen  # noqa: F401  (registers torch.ops.mohdify.*)
 from conftest import TOLERANCES
 from kernel_cases import check, f64
+
+import mohdify.codegen  # noqa: F401  (registers torch.ops.mohdify.*)
 from mohdify.codegen.launch_common import interpreting
 from mohdify.codegen.read.naive import read_backward_naive, read_naive
 from mohdify.codegen.write.naive import write_backward_naive, write_naive
