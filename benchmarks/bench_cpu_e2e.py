@@ -33,7 +33,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script: import the sibling modules
 
 import torch  # noqa: E402
-
 from common import format_table, git_sha, write_json  # noqa: E402
 from e2e_models import SHAPES, Decoder, Shape, active_width, build_model, mohd_config, randomise_routers  # noqa: E402
 

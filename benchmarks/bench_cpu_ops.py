@@ -14,7 +14,8 @@ groups shared, the rest drawn at random per token); fp32 and bf16. Providers:
 Decode is bound by reading weights, so each provider cycles over enough copies of its weights
 (--cycle-mb, default 1000 MB, twice the 480 MB L3 this machine reports) that the cache cannot
 help: the ideal gets 1/delta as many (cut) copies, and the reference and the kernel draw new
-routing per weight copy and per round, so the blocks they touch change as a decode's do. Each round times every provider once, in turn (interleaved); a figure is the median over
+routing per weight copy and per round, so the blocks they touch change as a decode's do. Each round times every
+provider once, in turn (interleaved); a figure is the median over
 rounds of the per-round ratio dense time / provider time. Targets (fp32, decode, delta 0.5 / 0.25):
 kernel >= 1.7x / >= 3x dense; rows that miss say by how much.
 """
@@ -33,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script: im
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from common import format_table, git_sha, write_json  # noqa: E402
 
 SHAPES = {"d2048": (2048, 5632), "d4096": (4096, 11008)}
@@ -150,7 +150,8 @@ def run(args) -> list[dict]:
                         fns, mask = providers(kind, dim, ffn, tokens, delta, dtype, (use, use_c), n_ideal,
                                               2 if args.smoke else args.rounds, gen)
                         times = time_rounds(fns, 2 if args.smoke else args.rounds)
-                        ratio = {k: statistics.median(d / t for d, t in zip(times["dense"], v)) for k, v in times.items()}
+                        ratio = {k: statistics.median(d / t for d, t in zip(times["dense"], v))
+                                 for k, v in times.items()}
                         row = {"shape": shape, "kind": kind, "dtype": str(dtype).replace("torch.", ""),
                                "tokens": tokens, "delta": delta, "D": dim, "FFN": ffn, "copies": len(use),
                                "path": plan_groups(mask, dtype, kind).path,
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
     rows = run(args)
     print()
     print(format_table(rows, COLUMNS))
-    env = {"loadavg_end": os.getloadavg(), "torch": torch.__version__, "threads": torch.get_num_threads(), "git_sha": git_sha(),
+    env = {"loadavg_end": os.getloadavg(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "git_sha": git_sha(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": _cpu_name()}
     write_json(Path(args.out) / "cpu_ops.json", {"env": env, "args": vars(args), "results": rows})
     return 0

@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script: import the sibling modules
 
 import torch  # noqa: E402
-
 from common import format_table, git_sha, write_json  # noqa: E402
 
 COLUMNS = [("what", "what", ""), ("delta", "delta", ".2f"), ("us", "us / token", ".1f"),
@@ -74,7 +73,7 @@ def main(argv=None) -> int:
         mask[0, torch.randperm(16 - active // 2, generator=gen)[:active - active // 2] + active // 2] = True
         u = torch.randn(1, ffn, generator=gen)
 
-        def branch_ops():
+        def branch_ops(gates_w=gates_w, ups=ups, downs=downs, mask=mask, u=u):
             with torch.no_grad():
                 for g, up, down in zip(gates_w, ups, downs):
                     torch.ops.mohdify.read_multi(x, [g, up], [None, None], mask, None)

@@ -5,7 +5,8 @@ than failing inside a model. Each op's CUDA kernel calls `kernel_or_reference`."
 from __future__ import annotations
 
 import warnings
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 __all__ = ["kernel_or_reference"]
 

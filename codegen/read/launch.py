@@ -14,8 +14,19 @@ import torch
 import triton
 from torch import Tensor
 
-from ..launch_common import (KernelConfig, check_device, check_float, check_group_size, check_same_device, check_shape,
-                      divisor_block, ieee_for, require, split_for, upcast_for)
+from ..launch_common import (
+    KernelConfig,
+    check_device,
+    check_float,
+    check_group_size,
+    check_same_device,
+    check_shape,
+    divisor_block,
+    ieee_for,
+    require,
+    split_for,
+    upcast_for,
+)
 from .kernel import read_kernel, read_multi_kernel
 
 __all__ = ["read_triton", "read_multi_triton", "check_read_inputs", "default_read_config",

@@ -14,8 +14,19 @@ import torch
 import triton
 from torch import Tensor
 
-from ..launch_common import (KernelConfig, check_device, check_float, check_group_size, check_same_device, check_shape,
-                      divisor_block, ieee_for, require, split_for, upcast_for)
+from ..launch_common import (
+    KernelConfig,
+    check_device,
+    check_float,
+    check_group_size,
+    check_same_device,
+    check_shape,
+    divisor_block,
+    ieee_for,
+    require,
+    split_for,
+    upcast_for,
+)
 from .kernel import mix_kernel, write_kernel
 
 __all__ = ["write_triton", "mix_triton", "check_write_inputs", "default_write_config"]

@@ -2,7 +2,8 @@
 
 The torch.compile backend's fusion pass (passes/fuse.py) puts it where a `mohdify::write`
 result reaches nothing but the residual add. On CPU it is the CPU writer kernel plus the residual
-(`codegen/cpu/write.py`: the numbers of the separate write and add, bit for bit); on CUDA `write_triton(..., residual=...)`,
+(`codegen/cpu/write.py`: the numbers of the separate write and add, bit for bit); on CUDA
+`write_triton(..., residual=...)`,
 which adds the residual in the writer's (or the mixing kernel's) epilogue. The backward is the
 writer's (`mohdify::write_backward`); the residual's gradient is the incoming gradient.
 
@@ -47,7 +48,8 @@ def _write_add_cuda(u, weight, bias, gates, fusion, residual):
     def check():
         check_write_inputs(u, weight, bias, gates, fusion, residual)
         if residual.dtype != u.dtype:
-            raise ValueError(f"residual has dtype {residual.dtype}, but u has {u.dtype}: the fused add needs them equal")
+            raise ValueError(f"residual has dtype {residual.dtype}, but u has {u.dtype}: the fused add needs them "
+                             "equal")
 
     return kernel_or_reference("mohdify::write_add", check,
                                lambda: write_triton(u, weight, bias, gates, fusion, residual=residual),
