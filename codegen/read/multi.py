@@ -3,9 +3,10 @@
 The torch.compile backend's fusion pass (passes/fuse.py) puts it where several
 `mohdify::read` calls share x, mask and alpha. On CPU it is the CPU reader kernel per weight with
 the routing read once (`codegen/cpu/read.py`: the numbers of the separate reads, bit for bit); on
-CUDA one Triton launch per 4 weights (`read_multi_triton`). The backward is the reader's, per weight (`mohdify::read_backward`), with
-the gradients of x and alpha summed over the weights. Biases get gradients when every weight has
-one or none has (torch.library differentiates a list only when all its entries are tensors).
+CUDA one Triton launch per 4 weights (`read_multi_triton`). The backward is the reader's, per
+weight (`mohdify::read_backward`), with the gradients of x and alpha summed over the weights.
+Biases get gradients when every weight has one or none has (torch.library differentiates a list
+only when all its entries are tensors).
 
 Shape legend: T = tokens, D = in_features, O_i = out_features of weight i, N = groups.
 """
