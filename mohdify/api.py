@@ -206,7 +206,9 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 
     - An application keeps its loss when its router requires grad and autograd is on or the model is
       in training mode (`model.train()`), outside `torch.inference_mode` and outside a backward pass.
-      So inference (eval mode under `torch.no_grad()`, `generate`) keeps nothing and holds no graph.
+      So inference in eval mode (under `torch.no_grad()`, `generate`) keeps nothing and holds no
+      graph; a no-grad pass in training mode keeps its loss (reentrant checkpointing's forward is
+      one), so sample and validate in eval mode.
     - `aux_loss(model)` returns the sum over branches and over all the applications kept since the
       last call, and forgets them: two forwards before one backward, a block applied several times,
       gradient accumulation (call it once per micro-batch) each count every application once.
