@@ -99,6 +99,8 @@ class GraphAnalysis:
     linears: list[LinearRef]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     view: Optional[GraphView] = None
+    blocked: list[LinearRef] = field(default_factory=list)   # writers whose output reaches the sum through
+                                                              # an op that does not keep zeros
 
 
 def _through_copies(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
@@ -300,6 +302,7 @@ def analyze_graph(graph: fx.Graph, resolve: Callable[[fx.Node], Optional[LinearR
         analysis.branches.append(BranchMatch(lin, readers, add, stream, desc))
     for lin, add in blocked:
         if lin.out_features == hidden:
+            analysis.blocked.append(lin)
             analysis.skipped.append((lin.fqn, f"its output reaches the residual add only through "
                                      f"{_blocking_op(view, lin, add, prefix)}, which does not keep zeros "
                                      "(e.g. a LayerNorm subtracts the mean), so it is not a MoHD writer; left dense"))
@@ -343,7 +346,8 @@ def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefi
         covered = set().union(*(own for _, own in writers)) if writers else set()
         for term in (t for t in terms if t not in streams):
             for part in _split(term, view):
-                if part in covered or h not in view.ancestors(part):
+                if part in covered or h not in view.ancestors(part) or \
+                        any(b.node in view.ancestors(part) for b in analysis.blocked):   # reported with its writer
                     continue
                 owner, cls = _term_owner(part, h, [w.fqn for w, _ in writers], prefix)
                 analysis.skipped.append((owner or part.name, (

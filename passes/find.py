@@ -79,8 +79,14 @@ def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
             reasons[lin.fqn] = (f"inner layer (in_features={lin.in_features}, out_features={lin.out_features}, "
                                 f"hidden size {hidden}): neither a reader nor a writer")
             continue
-        reached = _reach(analysis.view, lin.node, linear_nodes, writers | adds)
-        if reached & writers:
+        blocked = {b.node: b.fqn for b in analysis.blocked}
+        reached = _reach(analysis.view, lin.node, linear_nodes, writers | adds | set(blocked))
+        if reached & set(blocked) and not reached & writers:
+            names = sorted({blocked[n] for n in reached & set(blocked)})
+            reasons[lin.fqn] = (f"reads the input of a residual branch whose writer ({', '.join(names)}) is left "
+                                "dense (its output reaches the residual add through an op that does not keep "
+                                "zeros); left dense")
+        elif reached & writers:
             reasons[lin.fqn] = ("reads a stream other than its branch's input (e.g. cross-attention k/v "
                                 "reading the encoder output); left dense")
         elif reached & adds:
@@ -246,15 +252,20 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
                            "(x @ W, einsum or F.linear on a weight or a slice of it), "
                            "not a linear layer called as a module; left dense")
         return
+    def refuse(why: str, layers=readers) -> None:
+        skipped[writer] = why
+        for r in layers:
+            if r != writer:
+                skipped.setdefault(r, f"reads the input of the branch written by {writer}, which is left dense: {why}")
+
     roles = [r for r in readers if r in branches] + ([writer] if writer in reader_owner else [])
     if roles:
-        skipped[writer] = (f"{roles} would be both a reader and a writer (the layer is used in two places "
-                           "that are not one branch); left dense")
-        return
+        return refuse(f"{roles} would be both a reader and a writer (the layer is used in two places that are not "
+                      "one branch); left dense")
     if writer in branches:
         if branches[writer].readers != readers:
-            skipped[writer] = "called in several places with different readers; left dense"
-            branches.pop(writer)
+            refuse("called in several places with different readers; left dense",
+                   readers + branches.pop(writer).readers)
         return
     if filter_fn is not None:
         if not filter_fn(modules[writer], writer):
@@ -272,8 +283,8 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
         readers = kept
     clash = [r for r in readers if r in reader_owner or r == writer]
     if clash:
-        skipped[writer] = f"shares reader(s) {clash} with another branch; left dense"
-        return
+        return refuse(f"shares reader(s) {clash} with another branch; left dense",
+                      [r for r in readers if r not in clash])
     for r in readers:
         reader_owner[r] = writer
     name = _holder(_common_parent(readers + [writer]), modules)

@@ -232,3 +232,14 @@ def test_backend_without_options_warns_once(fresh_dynamo, caplog):
         torch.compile(copy.deepcopy(model), backend="mohd",
                       options={"num_groups": 4, "num_shared": 1, "top_k": 3, "compiler": "eager"})(*inputs)
     assert not [r for r in caplog.records if "got no options" in r.getMessage()]
+
+
+def test_readers_of_a_refused_writer_say_so():
+    """A reason is true for its layer: up2 feeds a branch (its writer is refused), not 'no branch'."""
+    from zoo_extra import LayerNormOut
+    torch.manual_seed(0)
+    skipped = dict(mohdify.explain(LayerNormOut().eval(), (torch.randn(2, 5, 32),), DENSE).skipped)
+    assert sorted(skipped) == ["down2", "out", "up2"], skipped
+    assert skipped["up2"] == ("reads the input of a residual branch whose writer (down2) is left dense (its output "
+                              "reaches the residual add through an op that does not keep zeros); left dense")
+    assert skipped["out"] == HEAD
