@@ -182,6 +182,19 @@ class BreakBlock(nn.Module):
         return x
 
 
+class LoopBreakBlock(BreakBlock):
+    """A block with a graph break in its loop that torch.export does not mind (torch._dynamo.graph_break)."""
+
+    def __init__(self):
+        super().__init__(False)
+
+    def forward(self, x):
+        for i in range(2):
+            torch._dynamo.graph_break()
+            x = x + (self.attn(self.n(x)) if i == 0 else self.mlp(self.n2(x)))
+        return x
+
+
 class BreakNet(Net):
     """torch.export fails (data-dependent branch), so capture uses dynamo."""
 

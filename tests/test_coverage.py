@@ -17,8 +17,8 @@ import torch
 
 import mohdify
 from conftest import assert_close
-from coverage_models import (SUMS, AddForms, BreakBlock, BreakNet, CastStream, DeepNorm, Net, Parallel, RMSBlock,
-                             Twice, WeightForms, branches_of)
+from coverage_models import (SUMS, AddForms, BreakBlock, BreakNet, CastStream, DeepNorm, LoopBreakBlock, Net, Parallel,
+                             RMSBlock, Twice, WeightForms, branches_of)
 from zoo import ZOO
 from zoo_extra import EXTRA
 
@@ -243,3 +243,20 @@ def test_readers_of_a_refused_writer_say_so():
     assert skipped["up2"] == ("reads the input of a residual branch whose writer (down2) is left dense (its output "
                               "reaches the residual add through an op that does not keep zeros); left dense")
     assert skipped["out"] == HEAD
+
+
+def test_frames_dynamo_skips_fall_back_to_blocks_that_see_them():
+    """Dynamo skips each block's frame (graph break in its loop); exported one by one, the blocks show
+    their residual adds, so capture uses them and says why."""
+    torch.manual_seed(0)
+    model = BreakNet(LoopBreakBlock).eval()
+    ref = copy.deepcopy(model)
+    mohdify.mohdify(model, DENSE, example_inputs=_x())
+    plan = model.mohd_plan
+    assert plan.frontend == "torch.export per block"
+    assert [f for f, _ in plan.capture_failures] == ["torch.export (non-strict)", "dynamo"]
+    assert plan.capture_failures[1][1].startswith("skipped the frame of h.0, h.1 ("), plan.capture_failures
+    assert plan.capture_failures[1][1].endswith("; the blocks are exported one by one")
+    assert {b.name: (b.readers, b.writer) for b in plan.branches} == branches_of("h.{i}")
+    with torch.no_grad():
+        assert_close(model(*_x(1)), ref(*_x(1)), "per-block fallback after dynamo skipped the blocks, delta=1")
