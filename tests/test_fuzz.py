@@ -23,9 +23,12 @@ from hypothesis import strategies as st
 import mohdify
 from conftest import assert_close
 from fuzz_models import LayerSpec, Spec, build, expected
+from mohdify.passes.find import OUTSIDE_BLOCKS
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
 FUZZ_EXAMPLES = int(os.environ.get("MOHDIFY_FUZZ_EXAMPLES", "60"))
+HEAD = "reads the residual stream but feeds no residual branch"
+GATE = "reads the branch input but only gates or routes the branch's output"
 FRONTENDS = {"export": "torch.export", "dynamo": "dynamo", "blocks": "torch.export per block"}
 
 
@@ -106,6 +109,8 @@ def check_model(spec: Spec, fe: str, groups: int) -> None:
     skipped = dict(plan.skipped)
     for layer in want.dense:
         assert layer in skipped, f"{layer} has no reason in plan.skipped: {plan.skipped}"
+        reason = GATE if layer.endswith(".gate") else OUTSIDE_BLOCKS if fe == "blocks" else HEAD
+        assert skipped[layer].startswith(reason), f"{layer}: {skipped[layer]}"
     with torch.no_grad():
         out = model(*inputs)
     assert_close(out, dense_out, f"fuzz model ({fe}) mohdified at delta=1 vs dense")
