@@ -162,7 +162,7 @@ def test_dynamo_skipped_frame_is_named():
     with pytest.raises(mohdify.UnsupportedModelError) as err:
         mohdify.explain(BreakNet(lambda: BreakBlock(True)).eval(), _x(), DENSE)
     msg = str(err.value)
-    assert "captured with dynamo" in msg
+    assert msg.startswith("explain(): BreakNet has no residual branch") and "captured with dynamo" in msg
     for frame in ("the forward of h.0 (BreakBlock)", "the forward of h.1 (BreakBlock)"):
         line = next(ln for ln in msg.splitlines() if frame in ln)
         assert "Data-dependent branching" in line and "graph break in loop" in line, line
@@ -260,3 +260,13 @@ def test_frames_dynamo_skips_fall_back_to_blocks_that_see_them():
     assert {b.name: (b.readers, b.writer) for b in plan.branches} == branches_of("h.{i}")
     with torch.no_grad():
         assert_close(model(*_x(1)), ref(*_x(1)), "per-block fallback after dynamo skipped the blocks, delta=1")
+
+
+def test_errors_name_the_function_called():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+    for fn, call in (("explain", lambda: mohdify.explain(model, (torch.randn(2, 16),), DENSE)),
+                     ("mohdify", lambda: mohdify.mohdify(model, DENSE, example_inputs=(torch.randn(2, 16),)))):
+        with pytest.raises(mohdify.UnsupportedModelError, match=rf"^{fn}\(\): Sequential has no residual branch"):
+            call()
+    with pytest.raises(mohdify.InputError, match=r"^mohdify\(\): Sequential failed on example_inputs"):
+        mohdify.mohdify(model, DENSE, example_inputs=(torch.randn(2, 5),))
