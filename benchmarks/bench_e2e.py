@@ -140,6 +140,26 @@ def measure(model, impl: str, provider: str, args, prompt: torch.Tensor, cuda: b
     return row
 
 
+def first_branch_gates(model, impl: str, prompt) -> torch.Tensor:
+    """The gates `[T, N]` the first MoHD branch routes the prompt with (an eager prefill)."""
+    import mohdify
+
+    branch = mohdify.branches(model)[0]
+    seen = []
+    original = branch.route
+
+    def route(x):
+        seen.append(original(x))
+        return seen[-1]
+    branch.route = route   # an instance attribute shadows the method for this one call
+    try:
+        with torch.no_grad():
+            model(input_ids=prompt) if impl == "hf" else model(prompt)
+    finally:
+        del branch.route
+    return seen[0].gates
+
+
 def run_mohd(model, impl: str, delta: float, args, prompt, cuda: bool) -> dict:
     import mohdify
 
@@ -156,8 +176,7 @@ def run_mohd(model, impl: str, delta: float, args, prompt, cuda: bool) -> dict:
         drawn = randomise_routers(model, std, args.seed + 1)
         counters["mohdify"].clear()
         row = measure(model, impl, "mohd", args, prompt, cuda)
-        # measure() ends with an eager prefill: the first branch's gates [prompt, N] show how varied routing is.
-        gates = mohdify.branches(model)[0].gates
+        gates = first_branch_gates(model, impl, prompt)   # [prompt, N]: how varied routing is
         row.update(mohdify_s=mohdify_s, mohd_config=config.to_dict(), routers_drawn=drawn, router_std=std,
                    branches=len(mohdify.branches(model)), backend_counters=dict(counters["mohdify"]),
                    distinct_routings=len({tuple(m) for m in (gates != 0).tolist()}) if gates is not None else None)

@@ -9,4 +9,6 @@ from .read import read, read_naive
 from .route import route, route_naive
 from .write import write, write_naive
 
+from . import autocast  # noqa: E402,F401 - autocast rules for the ops above (after they exist)
+
 __all__ = ["route", "read", "write", "route_naive", "read_naive", "write_naive"]

@@ -12,10 +12,12 @@ from .calibrate import calibrate
 from .config import MoHDConfig
 from .errors import CaptureError, ConfigError, InputError, MohdifyError, UnsupportedModelError
 from .plan import Branch, Plan
+from .saving import from_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoHDConfig", "Plan", "Branch", "explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "calibrate",
+    "from_pretrained",
     "MohdifyError", "ConfigError", "InputError", "CaptureError", "UnsupportedModelError",
 ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
@@ -14,6 +15,7 @@ from mohdify.passes.capture import normalize_inputs
 from .config import MoHDConfig
 from .errors import ConfigError, MohdifyError, UnsupportedModelError
 from .plan import Plan, untrained_router_note
+from .saving import forget_rewrite, record_rewrite
 
 __all__ = ["explain", "mohdify", "demohdify", "aux_loss", "graph", "branches"]
 
@@ -111,9 +113,31 @@ def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_in
             f"dense for this reason:\n{reasons}")
     config.check_hidden_size(plan.hidden_size)
     apply_plan(model, plan, config)
+    try:
+        _check_runs(model, example_inputs)
+    except Exception as e:
+        remove_mohd(model)
+        raise UnsupportedModelError(
+            f"mohdify: the rewritten {type(model).__name__} failed on example_inputs "
+            f"({type(e).__name__}: {e}); the model was restored to its dense form. Please report this model: "
+            "the plan is in mohdify.explain(model, example_inputs, config).") from e
     model.mohd_plan = plan
+    record_rewrite(model, plan, config)
     warn_untrained_router(config, "mohdify")
     return model
+
+
+def _check_runs(model: nn.Module, example_inputs: Any) -> None:
+    """Run the rewritten model once on the example inputs, leaving no trace: the RNG state (dropout),
+    the balance logs and the grad mode are as before."""
+    args, kwargs = normalize_inputs(model, example_inputs)
+    kept = {b: list(b.balance_log.items) for b in mohd_branches(model)}
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for b, items in kept.items():
+            b.balance_log.items = items
 
 
 def demohdify(model: nn.Module) -> nn.Module:
@@ -125,6 +149,7 @@ def demohdify(model: nn.Module) -> nn.Module:
     if not is_mohdified(model):
         raise UnsupportedModelError(f"{type(model).__name__} is not mohdified: there is nothing to undo.")
     remove_mohd(model)
+    forget_rewrite(model)
     if "mohd_plan" in model.__dict__:
         del model.__dict__["mohd_plan"]
     return model
@@ -136,38 +161,50 @@ def branches(model: nn.Module):
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """The load-balancing loss of the last forward pass, summed over branches, times aux_loss_coef.
+    """The balance loss of every routed application since it was last taken, times aux_loss_coef.
 
-    Per branch: N_r * sum_i f_i P_i (f_i: share of tokens routed to group i, P_i: mean router
-    probability of i). Branches with the magnitude router contribute 0. It is computed only in
-    forward passes with autograd enabled (a training step), not under no_grad/inference.
+    Per branch application: N_r * sum_i f_i P_i (f_i: share of tokens routed to group i, P_i: mean
+    router probability of i). The rule:
+
+    - An application keeps its loss when its router requires grad and autograd is on or the model is
+      in training mode (`model.train()`), outside `torch.inference_mode` and outside a backward pass.
+      So inference (eval mode under `torch.no_grad()`, `generate`) keeps nothing and holds no graph.
+    - `aux_loss(model)` returns the sum over branches and over all the applications kept since the
+      last call, and forgets them: two forwards before one backward, a block applied several times,
+      gradient accumulation (call it once per micro-batch) each count every application once.
+    - Under activation checkpointing the forward's loss is kept once, also in reentrant mode (whose
+      forward runs without autograd: the router logits are recomputed with autograd for the loss);
+      the recomputation during backward keeps nothing.
+
+    Returns 0 for magnitude-routed models, and when nothing was kept (with a warning for a learned
+    router in eval mode: its no-grad passes keep nothing).
     """
     _check_model(model, "aux_loss")
     found = mohd_branches(model)
     if not found:
-        raise UnsupportedModelError(f"aux_loss: {type(model).__name__} is not mohdified.")
+        raise UnsupportedModelError(f"aux_loss: {type(model).__name__} is not mohdified; call mohdify.mohdify() "
+                                    "first.")
+    total = None
+    for b in found:
+        for loss in b.balance_log.take():
+            term = b.config.aux_loss_coef * loss
+            total = term if total is None else total + term
+    if total is not None:
+        return total
     learned = [b for b in found if b.router is not None]
-    if not learned:
-        return torch.zeros((), device=found[0].shared_idx.device)
-    missing = [b.name for b in learned if b.last_aux_loss is None]
-    if missing:
-        raise RuntimeError(f"aux_loss: no forward pass with gradients enabled has run through branches "
-                           f"{missing[:3]}; the balance loss is computed only when autograd is on (not under "
-                           "torch.no_grad() or inference_mode, e.g. generate). Call the model in a training step first.")
-    return sum(b.config.aux_loss_coef * b.last_aux_loss for b in learned)
-
-
-def _reset_state(model: nn.Module) -> None:
-    for b in mohd_branches(model):
-        b.gates = None
-        b.last_aux_loss = None
+    if learned and not any(b.training for b in learned):
+        warnings.warn("aux_loss: no routed pass kept a balance loss since the last call; the model is in eval "
+                      "mode, where passes without autograd (torch.no_grad) keep none. Train with model.train() "
+                      "or with autograd on.", stacklevel=2)
+    return torch.zeros((), device=found[0].shared_idx.device)
 
 
 def graph(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     """A captured (torch.export, non-strict) graph of a mohdified model, printable and callable.
 
-    MoHD ops appear as nodes named after their layer: `mohd_route__<layer>`,
-    `mohd_read__<reader>` and `mohd_write__<writer>`.
+    MoHD ops appear as nodes named after their layer: one `mohd_route__<branch>` per branch
+    application, `mohd_read__<reader>` and `mohd_write__<writer>`. `print(gm.summary())` shows only
+    those, per branch; `print(gm.graph)` the full aten graph.
     """
     _check_model(model, "graph")
     if not is_mohdified(model):
@@ -177,15 +214,16 @@ def graph(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     user_keys = set(example_inputs) if isinstance(example_inputs, dict) else set()
     fixed = {k: v for k, v in kwargs.items() if k not in user_keys}   # e.g. use_cache=False
     kwargs = {k: v for k, v in kwargs.items() if k in user_keys}
+    kept = {b: list(b.balance_log.items) for b in mohd_branches(model)}
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Routing state (branch.gates) is plain attribute state by design; see mohdify.modules.
-            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+        with torch.no_grad():
             program = torch.export.export(_Bound(model, fixed), args, kwargs, strict=False)
     finally:
-        _reset_state(model)
+        for b, items in kept.items():
+            b.balance_log.items = items
     gm = program.module()
-    _name_mohd_nodes(gm, prefix=_Bound.PREFIX)
+    text = _summary(_name_mohd_nodes(gm, model, prefix=_Bound.PREFIX))
+    gm.summary = lambda: text
     return gm
 
 
@@ -204,16 +242,40 @@ class _Bound(nn.Module):
         return self.model(*args, **kwargs, **self.fixed)
 
 
-_OP_NAMES = {"mohdify.route.default": "route", "mohdify.read.default": "read", "mohdify.write.default": "write"}
-
-
-def _name_mohd_nodes(gm: fx.GraphModule, prefix: str) -> None:
+def _name_mohd_nodes(gm: fx.GraphModule, model: nn.Module, prefix: str) -> list[tuple[str, str, str]]:
+    """Name each MoHD op node after its layer (read, write) or branch (route); returns
+    (kind, layer or branch, branch) per MoHD node in graph order."""
     from mohdify.passes.analyze import innermost_module
-    for node in gm.graph.nodes:
-        kind = _OP_NAMES.get(str(node.target))
-        if node.op != "call_function" or kind is None:
-            continue
+    from mohdify.passes.targets import mohd_op_kind, mohd_op_nodes
+    found = []
+    for node in mohd_op_nodes(gm.graph):
+        kind = mohd_op_kind(node.target)
         fqn, _ = innermost_module(node)
         fqn = fqn[len(prefix) + 1:] if fqn.startswith(prefix + ".") else fqn
-        node._rename(f"mohd_{kind}__{fqn.replace('.', '_')}" if fqn else f"mohd_{kind}")
+        layer = model.get_submodule(fqn) if fqn else None
+        branch = getattr(getattr(layer, "branch", None), "name", "")
+        name = branch if kind == "route" else fqn
+        node._rename(f"mohd_{kind}__{name.replace('.', '_')}" if name else f"mohd_{kind}")
+        found.append((kind, name, branch))
     gm.recompile()
+    return found
+
+
+def _summary(found: list[tuple[str, str, str]]) -> str:
+    """One block per branch application: its routing, readers and writer, in graph order."""
+    lines: list[str] = []
+    current = None
+    for kind, name, branch in found:
+        if kind == "route":
+            current = branch
+            lines.append(f"{branch or '(branch)'}:")
+            lines.append("  route")
+        elif branch != current:
+            current = branch
+            lines.append(f"{branch}:")
+        if kind != "route":
+            lines.append(f"  {kind:<5} {name}")
+    routes = sum(k == "route" for k, _, _ in found)
+    head = (f"MoHD graph: {routes} routings, {sum(k == 'read' for k, _, _ in found)} reads, "
+            f"{sum(k == 'write' for k, _, _ in found)} writes")
+    return "\n".join([head, *lines])

@@ -23,8 +23,8 @@ to compare). torch.compile hands `options` (minus the `guard_filter_fn` and
 
 Every graph leaves a record: counters in torch._dynamo.utils.counters["mohdify"] (graphs,
 mohdified_graphs, dense_graphs, branches_rewritten, readers_rewritten, writers_rewritten,
-layers_left_dense, graphs_without_branch; for mohdified graphs nodes_deduplicated,
-routes_deduplicated, reads_merged, read_multi, writes_fused) and a message on
+layers_left_dense, graphs_without_branch; for mohdified graphs reads_merged, read_multi,
+writes_fused) and a message on
 logging.getLogger("mohdify").
 """
 
@@ -41,7 +41,8 @@ from torch import fx
 from mohdify.config import MoHDConfig
 from mohdify.errors import ConfigError
 from mohdify.passes.fuse import fuse_graph
-from mohdify.passes.rewrite import mohd_op_nodes, rewrite_graph
+from mohdify.passes.rewrite import rewrite_graph
+from mohdify.passes.targets import mohd_op_nodes
 
 __all__ = ["mohd_backend", "backend_config", "COMPILERS", "CONFIG_OPTIONS"]
 
@@ -117,10 +118,9 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str, m
 
 def _fuse(gm: fx.GraphModule, counts) -> None:
     report = fuse_graph(gm)
-    for key in ("nodes_deduplicated", "routes_deduplicated", "reads_merged", "read_multi", "writes_fused"):
+    for key in ("reads_merged", "read_multi", "writes_fused"):
         counts[key] += getattr(report, key)
-    log.info("mohd backend: fused %d duplicate nodes (%d routes), %d reads into %d read_multi, %d write + "
-             "residual add into write_add", report.nodes_deduplicated, report.routes_deduplicated,
+    log.info("mohd backend: fused %d reads into %d read_multi, %d write + residual add into write_add",
              report.reads_merged, report.read_multi, report.writes_fused)
     for name, why in report.not_fused:
         log.info("mohd backend: not fused at %s: %s", name, why)

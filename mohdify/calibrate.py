@@ -3,7 +3,8 @@ with the highest mean energy ||x[group]||^2 over the calibration tokens become t
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,10 +48,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, list[int]]:
     def record(module, args):
         b = module.branch
         x = args[0].detach().reshape(-1, args[0].shape[-1]).double()                 # [T, D]
-        energy[b] += x.view(x.shape[0], -1, b.group_size).pow(2).sum(-1).sum(0)      # [N]
+        energy[b] += x.view(x.shape[0], b.config.num_groups, b.group_size).pow(2).sum(-1).sum(0)      # [N]
         tokens[b] += x.shape[0]
 
     handles = [r.register_forward_pre_hook(record) for r in first_reader.values()]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()   # calibration passes do not train: they keep no balance loss
     try:
         with torch.no_grad():
             for batch in batches:
@@ -59,8 +62,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, list[int]]:
     finally:
         for h in handles:
             h.remove()
-        for b in branches:
-            b.gates, b.last_aux_loss = None, None
+        for m, training in modes.items():
+            m.training = training
     empty = [b.name for b in branches if tokens[b] == 0]
     if empty:
         raise InputError(f"calibrate: no calibration token reached branches {empty[:3]} "

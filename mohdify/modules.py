@@ -4,12 +4,11 @@ A residual branch gets one `MoHDBranch` (its router, its fusion matrix, its shar
 ids). Its readers become `MoHDReader`s and its writer a `MoHDWriter`; both keep the original
 weight and bias Parameters (same objects, same state-dict keys), so the rewrite is reversible.
 
-How routing reaches the writer: every reader calls `branch.route(x)`, which computes the routing
-of the branch input x and keeps the writer's gates on the branch (`branch.gates`). The writer
-of the same branch, which runs after its readers, reads them back. All readers of a branch see
-the same x, so they compute the same routing (torch.compile merges the repeated computation).
-This is plain attribute state on a registered module: it works eagerly, under torch.export and
-under torch.compile(fullgraph=True).
+Routing is one value per branch application (`mohdify.routing.Routing`): the first reader of an
+application computes it with `MoHDBranch.route`, the other readers of the same input reuse it and
+the writer consumes it, through a per-thread slot (`mohdify.routing.SLOTS`), never through module
+attributes. After a forward nothing computed in it stays on a module, except the balance losses
+of training-mode applications, kept until `mohdify.aux_loss` takes them (see `BalanceLog`).
 
 Shape legend: T = tokens, D = hidden size, N = groups, G = D / N, N_s / N_r = shared / routed
 groups, k = top_k.
@@ -17,43 +16,57 @@ groups, k = top_k.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mohdify.codegen import read as read_op
-from mohdify.codegen import route as route_op
 from mohdify.codegen import write as write_op
 
 from .config import MoHDConfig
+from .routing import SLOTS, Routing, route_tokens
 
-__all__ = ["MoHDBranch", "MoHDReader", "MoHDWriter", "magnitude_scores", "activation_scale"]
-
-
-# Pure functions of the routing math, shared by MoHDBranch and the torch.compile backend's graph
-# rewrite (mohdify.passes.rewrite), so both compute exactly the same thing.
-def magnitude_scores(x: Tensor, group_size: int, routed_idx: Tensor) -> Tensor:
-    """Magnitude-router scores `[T, N_r]`: the energy ||x_t[group i]||^2 of each routed group."""
-    energy = x.float().view(x.shape[0], -1, group_size).pow(2).sum(-1)        # [T, N]
-    return energy[:, routed_idx]                                              # [T, N_r]
+__all__ = ["MoHDBranch", "MoHDLinear", "MoHDReader", "MoHDWriter", "BalanceLog"]
 
 
-def activation_scale(x: Tensor, mask: Tensor, scaling: str, density: float, group_size: int) -> Optional[Tensor]:
-    """Activation scaling alpha `[T]` of the readers' input `x` `[T, D]`, or None for scaling "none"."""
-    if scaling == "none":
-        return None
-    if scaling == "density":
-        return x.new_full((x.shape[0],), 1.0 / density)                       # [T]
-    kept = x.view(x.shape[0], -1, group_size) * mask[:, :, None].to(x.dtype)  # [T, N, G]
-    full = x.norm(dim=-1)                                                     # [T]
-    part = kept.flatten(1).norm(dim=-1)                                       # [T]
-    return torch.where(part > 0, full / part.clamp_min(torch.finfo(x.dtype).tiny), torch.ones_like(full))
+class BalanceLog:
+    """The balance losses of a branch's training-mode applications since `aux_loss` last took them.
+
+    Not model state: a copy (`copy.deepcopy`, pickling, `torch.save`) starts with an empty log, so
+    copies never carry a step's autograd graph. Bounded: past `limit` entries (the user never calls
+    aux_loss) the oldest are dropped, with one warning.
+    """
+
+    def __init__(self, limit: int = 1024):
+        self.items: list[Tensor] = []
+        self.limit = limit
+        self.warned = False
+
+    def add(self, loss: Tensor, name: str) -> None:
+        self.items.append(loss)
+        if len(self.items) > self.limit:
+            del self.items[0]
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"MoHD branch {name!r} has kept {self.limit} balance losses that mohdify.aux_loss() "
+                              "never took; the oldest are dropped. Add mohdify.aux_loss(model) to the training "
+                              "loss, or call model.eval() for passes that do not train.", stacklevel=3)
+
+    def take(self) -> list[Tensor]:
+        items, self.items = self.items, []
+        return items
+
+    def __deepcopy__(self, memo) -> BalanceLog:
+        return BalanceLog(self.limit)
+
+    def __getstate__(self) -> dict:
+        return {"items": [], "limit": self.limit, "warned": False}
 
 
 class MoHDBranch(nn.Module):
-    """Routing state of one residual branch.
+    """Router, fusion matrix and group ids of one residual branch.
 
     Parameters: `router` `[N_r, D]` (learned router, zero-initialised) and `fusion` `[N, N]`
     (fusion="mix", identity-initialised). Buffers: `shared_idx` `[N_s]`, `routed_idx` `[N_r]`.
@@ -75,49 +88,61 @@ class MoHDBranch(nn.Module):
         self.fusion = None
         if config.fusion == "mix":
             self.fusion = nn.Parameter(torch.eye(n, dtype=dtype, device=device))
-        self.gates: Optional[Tensor] = None      # [T, N], set by route() for the writer
-        self.last_aux_loss: Optional[Tensor] = None
+        self.balance_log = BalanceLog()
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"{self.name or 'branch'}: D={self.hidden_size}, groups={c.num_groups}x{self.group_size}, "
                 f"shared={c.num_shared}, top_k={c.top_k}, router={c.router}, scaling={c.scaling}, fusion={c.fusion}")
 
-    def scores(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Routing scores `[T, N_r]` and, for the learned router, the probabilities `[T, N_r]`."""
-        if self.router is not None:
-            probs = torch.softmax(F.linear(x, self.router).float(), dim=-1)   # [T, N_r]
-            return probs, probs
-        return magnitude_scores(x, self.group_size, self.routed_idx), None
+    def computes_balance(self) -> bool:
+        """Whether an application computes its balance loss: a learned router that requires grad, in a
+        pass with autograd on or in training mode (the no-grad forward of reentrant checkpointing),
+        outside inference mode."""
+        if self.router is None or not self.router.requires_grad:
+            return False
+        if not (torch.is_grad_enabled() or self.training):
+            return False
+        return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
 
-    def route(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Route `x` `[T, D]`: returns the reader mask `[T, N]` and scale `[T]` (or None)."""
-        config = self.config
-        scores, probs = self.scores(x)
-        mask, topk = route_op(scores.detach(), self.shared_idx, self.routed_idx, config.top_k)
-        gates = mask.to(x.dtype)                                              # [T, N]
-        if probs is not None:
-            chosen = probs.gather(1, topk)                                    # [T, k]
-            g = config.top_k * chosen / chosen.sum(-1, keepdim=True)          # [T, k]
-            gates = gates.scatter(1, self.routed_idx[topk], g.to(x.dtype))    # [T, N]
-            # Only a pass that can train needs the balance loss: inference (generate, decode under
-            # no_grad) skips its small kernels and keeps no graph alive.
-            self.last_aux_loss = self.balance_loss(probs, topk) if torch.is_grad_enabled() else None
-        self.gates = gates
-        return mask, self.scale(x, mask)
+    @staticmethod
+    def in_backward() -> bool:
+        """Whether this forward is a recomputation inside a backward pass (activation checkpointing):
+        it computes what the forward computed (checkpointing checks that) but keeps no loss."""
+        return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
-    def scale(self, x: Tensor, mask: Tensor) -> Optional[Tensor]:
-        """Activation scaling alpha `[T]`, or None when scaling is "none"."""
-        return activation_scale(x, mask, self.config.scaling, self.config.density, self.group_size)
+    def route(self, x: Tensor) -> Routing:
+        """The routing of the branch input `x` `[T, D]` (see `mohdify.routing.route_tokens`)."""
+        c = self.config
+        return route_tokens(x, self.router, self.shared_idx, self.routed_idx, c.top_k, c.scaling, c.density,
+                            balance=self.computes_balance())
 
-    def balance_loss(self, probs: Tensor, topk: Tensor) -> Tensor:
-        """N_r * sum_i f_i P_i: f_i = share of tokens routed to i, P_i = mean probability of i."""
-        num_routed = probs.shape[1]
-        chosen = torch.zeros_like(probs).scatter(1, topk, 1.0)                # [T, N_r]
-        return num_routed * (chosen.mean(0) * probs.mean(0)).sum()
+    def routing_for(self, x: Tensor) -> tuple[Tensor, Routing]:
+        """A reader's view: (`x` as `[T, D]`, the routing of this application), computed by the first
+        reader of `x` and reused by the others."""
+        slots = SLOTS.slots
+        held = slots.get(id(self))
+        if held is not None and held[0] is x:
+            return held[1], held[2]
+        x2 = x.reshape(-1, x.shape[-1])                                       # [T, D]
+        routing = self.route(x2)
+        slots[id(self)] = (x, x2, routing)
+        return x2, routing
+
+    def take_routing(self) -> Routing:
+        """The writer's view: the routing of this application, removed from the slot."""
+        held = SLOTS.slots.pop(id(self), None)
+        if held is None:
+            raise RuntimeError(
+                f"MoHD writer of branch {self.name!r} ran before any of its readers: the branch has no "
+                "routing for this application. Readers must run before their writer.")
+        routing = held[2]
+        if routing.balance is not None and not self.in_backward():
+            self.balance_log.add(routing.balance, self.name)
+        return routing
 
 
-class _MoHDLinear(nn.Module):
+class MoHDLinear(nn.Module):
     """Shared base: holds the original layer's Parameters and a reference to its branch."""
 
     def __init__(self, original: nn.Module, branch: MoHDBranch, *, transposed: bool):
@@ -140,26 +165,21 @@ class _MoHDLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, branch={self.branch.name}"
 
 
-class MoHDReader(_MoHDLinear):
+class MoHDReader(MoHDLinear):
     """A linear reading the branch input: y = alpha * W[:, A] x[A] + b."""
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])                                       # [T, D]
-        mask, alpha = self.branch.route(x2)
-        y = read_op(x2, self.linear_weight(), self.bias, mask, alpha)         # [T, O]
+        x2, routing = self.branch.routing_for(x)                              # [T, D]
+        y = read_op(x2, self.linear_weight(), self.bias, routing.mask, routing.scale)  # [T, O]
         return y.view(*lead, self.out_features)
 
 
-class MoHDWriter(_MoHDLinear):
+class MoHDWriter(MoHDLinear):
     """A linear writing the residual stream: only the rows of active groups, gated and fused."""
 
     def forward(self, u: Tensor) -> Tensor:
-        gates = self.branch.gates
-        if gates is None:
-            raise RuntimeError(
-                f"MoHD writer of branch {self.branch.name!r} ran before any of its readers: the branch "
-                "has no routing for this forward pass. Readers must run before their writer.")
+        gates = self.branch.take_routing().gates                              # [T, N]
         lead = u.shape[:-1]
         u2 = u.reshape(-1, u.shape[-1])                                       # [T, I]
         if u2.shape[0] != gates.shape[0]:

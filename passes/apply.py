@@ -2,7 +2,9 @@
 
 Module level (not a graph rewrite): each reader and writer is swapped for a MoHD module that holds
 the very same weight and bias Parameters, and each branch gets a `MoHDBranch` registered as
-`<branch module>.mohd` (`mohd_1`, ... if that name is taken). The model keeps its class.
+`<branch module>.mohd` (`mohd_1`, ... if that name is taken); the plan never names a container
+(nn.Sequential, ModuleList, ModuleDict: they would call or iterate a new child) as a branch module.
+The model keeps its class.
 Transactional: if any step fails, every swap already made is undone before the error propagates.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from mohdify.config import MoHDConfig
-from mohdify.modules import MoHDBranch, MoHDReader, MoHDWriter, _MoHDLinear
+from mohdify.modules import MoHDBranch, MoHDLinear, MoHDReader, MoHDWriter
 from mohdify.plan import Plan
 
 from .find import is_linear_layer
@@ -52,13 +54,15 @@ def apply_plan(model: nn.Module, plan: Plan, config: MoHDConfig) -> list[MoHDBra
                     raise RuntimeError(f"{name} is a {type(model.get_submodule(name)).__name__}, not a linear "
                                        "layer: the model changed since the plan was made")
             branch = MoHDBranch(plan.hidden_size, config, name=b.name,
-                                dtype=writer.weight.dtype, device=writer.weight.device)
+                                dtype=writer.weight.dtype, device=writer.weight.device).train(writer.training)
             holder = model.get_submodule(b.name) if b.name else model
             swap(holder, _free_attr(holder), branch)
             for name in b.readers:
                 layer = model.get_submodule(name)
-                swap(*_parent(model, name), MoHDReader(layer, branch, transposed=not isinstance(layer, nn.Linear)))
-            swap(*_parent(model, b.writer), MoHDWriter(writer, branch, transposed=not isinstance(writer, nn.Linear)))
+                reader = MoHDReader(layer, branch, transposed=not isinstance(layer, nn.Linear)).train(layer.training)
+                swap(*_parent(model, name), reader)
+            new_writer = MoHDWriter(writer, branch, transposed=not isinstance(writer, nn.Linear)).train(writer.training)
+            swap(*_parent(model, b.writer), new_writer)
             made.append(branch)
     except BaseException:
         for holder, attr, old in reversed(undo):
@@ -76,15 +80,20 @@ def mohd_branches(model: nn.Module) -> list[MoHDBranch]:
 
 
 def is_mohdified(model: nn.Module) -> bool:
-    return any(isinstance(m, (MoHDBranch, _MoHDLinear)) for m in model.modules())
+    return any(isinstance(m, (MoHDBranch, MoHDLinear)) for m in model.modules())
 
 
 def remove_mohd(model: nn.Module) -> None:
-    """Put the original layers back and remove the branches (their routers and fusion matrices)."""
+    """Put the original layers back, with the Parameters the MoHD layers hold now (whatever replaced
+    them since the rewrite: `load_state_dict(assign=True)`, `.to()`, parametrizations), and remove
+    the branches (their routers and fusion matrices)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, _MoHDLinear):
+        if isinstance(module, MoHDLinear):
             holder, attr = _parent(model, name)
-            setattr(holder, attr, module.original)
+            original = module.original
+            original.weight = module.weight
+            original.bias = module.bias
+            setattr(holder, attr, original)
     for name, module in list(model.named_modules()):
         if isinstance(module, MoHDBranch):
             holder, attr = _parent(model, name)

@@ -8,24 +8,16 @@ tensor methods and `torch.ops.mohdify.*` calls; parameters are placeholders; `ex
 meta holds fake tensors). Autograd is traced afterwards, so the fused ops carry their own
 registered backward.
 
-Three sub-passes, in this order:
-1. Dedupe (common-subexpression elimination). Every MoHDReader of a branch calls
-   `branch.route(x)`, so the graph has one copy of the routing (router linear, softmax,
-   `mohdify::route`, gates, scale, balance loss) per reader. Pattern: two nodes with the same
-   target, the same constant arguments and the same input nodes. The later one is replaced by the
-   earlier one. Only deterministic, non-mutating calls are merged (no random ops, no `empty`, no
-   in-place or `out=` ops, no higher-order ops, no modules); a call with side effects (e.g.
-   `torch._C._set_grad_enabled`) or an in-place op (e.g. a static KV-cache update) ends the region
-   within which nodes are merged, and a value that an in-place op later writes into (or may be a
-   view of, walking back along first arguments) is never merged, so no merged tensor is mutated
-   through one of its names.
-2. Read merge. Pattern: >= 2 calls `mohdify::read(x, W_i, b_i, mask, alpha)` with the same x, mask
-   and alpha nodes (after 1, the readers of a branch), all with a bias or all without one.
+Two sub-passes, in this order (routing needs none: a mohdified model computes it once per branch
+application, mohdify/routing.py, so every reader of a branch input takes the same x2, mask and
+alpha nodes):
+1. Read merge. Pattern: >= 2 calls `mohdify::read(x, W_i, b_i, mask, alpha)` with the same x, mask
+   and alpha nodes (the readers of a branch input), all with a bias or all without one.
    Replaced by `ys = mohdify::read_multi(x, [W_i], [b_i], mask, alpha)` at the first read and
    `ys[i]` for read i. Preconditions: no in-place op between the first and the last read; every
    W_i / b_i is computed before the first read (a pure op on earlier nodes, e.g. a Conv1D
    `weight.t()`, is moved up; otherwise the group is left alone).
-3. Write + residual add. Pattern: `o = mohdify::write(u, W, b, gates, M)`, then only shape ops
+2. Write + residual add. Pattern: `o = mohdify::write(u, W, b, gates, M)`, then only shape ops
    (view, reshape, contiguous, unflatten_tokens) and identity dropouts (training=False or p=0),
    each the only user of the one before, into `r = add(h, o')` or `add(o', h)` (no alpha) with
    h, o' and r of the same shape and dtype and h.shape[-1] = D. Replaced by
@@ -35,8 +27,7 @@ Three sub-passes, in this order:
 Afterwards: the graph lints and computes the same forward numbers bit for bit on the reference
 (CPU) path: every merged node computed the same function of the same inputs, read_multi's
 reference is the per-weight read and write_add's is write + residual. Gradients are equal up to
-fp32 summation order (a shared routing sums its gradient contributions once). New nodes carry
-example values and the module stack of the node they replace. Counters: `FuseReport`.
+fp32 summation order. New nodes carry example values and the module stack of the node they replace.
 """
 
 from __future__ import annotations
@@ -45,7 +36,7 @@ import inspect
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +47,11 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 import mohdify.codegen  # noqa: F401 - registers torch.ops.mohdify.*
 
 from .capture import node_value
-from .rewrite import _Builder, _graph_fake_mode, unflatten_tokens
+from .rewrite import GraphBuilder, graph_fake_mode, unflatten_tokens
+from .targets import mohd_op_kind, mohd_op_nodes
 
 __all__ = ["FuseReport", "fuse_graph"]
 
-ROUTE = (torch.ops.mohdify.route.default, torch.ops.mohdify.route)
-READ = (torch.ops.mohdify.read.default, torch.ops.mohdify.read)
-WRITE = (torch.ops.mohdify.write.default, torch.ops.mohdify.write)
 _RANDOM_OR_UNINIT = re.compile(r"rand|dropout|bernoulli|multinomial|normal|uniform|poisson|exponential|cauchy|"
                                r"geometric|empty")
 _INPLACE_OPERATORS = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
@@ -76,34 +65,10 @@ _ADDS = {operator.add, torch.add}
 class FuseReport:
     """What `fuse_graph` did to one graph."""
 
-    nodes_deduplicated: int = 0     # nodes replaced by an identical earlier node
-    routes_deduplicated: int = 0    # of which mohdify::route calls
     reads_merged: int = 0           # mohdify::read calls replaced by read_multi outputs
     read_multi: int = 0             # read_multi calls inserted
     writes_fused: int = 0           # write + add pairs replaced by write_add
     not_fused: list[tuple[str, str]] = field(default_factory=list)   # (node, why it was left alone)
-
-
-class _Unhashable(Exception):
-    pass
-
-
-def _freeze(a: Any) -> Any:
-    """A hashable key for an argument; constants keep their type (2, 2.0 and True differ)."""
-    if isinstance(a, fx.Node):
-        return ("node", a)
-    if isinstance(a, (list, tuple)):
-        return (type(a).__name__, tuple(_freeze(v) for v in a))
-    if isinstance(a, dict):
-        return ("dict", tuple(sorted((k, _freeze(v)) for k, v in a.items())))
-    if isinstance(a, slice):
-        return ("slice", _freeze(a.start), _freeze(a.stop), _freeze(a.step))
-    if isinstance(a, float):
-        return ("float", a.hex())   # -0.0 and 0.0 differ
-    if a is None or a is Ellipsis or isinstance(a, (bool, int, str, torch.dtype, torch.device, torch.layout,
-                                                    torch.memory_format)):
-        return (type(a).__name__, a)
-    raise _Unhashable(type(a).__name__)
 
 
 def _target_name(node: fx.Node) -> str:
@@ -160,54 +125,6 @@ def _mergeable(node: fx.Node) -> bool:
     return True
 
 
-def _ends_region(node: fx.Node) -> bool:
-    """Calls with side effects (grad mode, autocast, ...) separate the nodes that may be merged."""
-    return node.op == "call_function" and not isinstance(node.target, OpOverload) and \
-        node.is_impure(impure_random=False) and node.target is not torch._C._log_api_usage_once
-
-
-def _mutated_values(graph: fx.Graph) -> set:
-    """Nodes whose value an in-place op may write into: the mutated argument of every mutating node
-    and, walking back along first arguments, everything it may be a view of (over-approximated)."""
-    out: set = set()
-    for m in graph.nodes:
-        if not _mutates(m):
-            continue
-        todo = [a for a in (*m.args[:1], m.kwargs.get("out")) if isinstance(a, fx.Node)]
-        while todo:
-            n = todo.pop()
-            if n in out:
-                continue
-            out.add(n)
-            if n.op in ("call_function", "call_method") and n.args and isinstance(n.args[0], fx.Node):
-                todo.append(n.args[0])
-    return out
-
-
-def _dedupe(graph: fx.Graph, report: FuseReport) -> None:
-    """Merge identical pure calls. A mutation ends the region (inputs may have changed), and a value
-    that is itself written in place later (or may be a view of one) is never merged."""
-    seen: dict[Any, fx.Node] = {}
-    mutated = _mutated_values(graph)
-    for node in list(graph.nodes):
-        if _ends_region(node) or _mutates(node):
-            seen.clear()
-            continue
-        if not _mergeable(node) or node in mutated:
-            continue
-        try:
-            key = (node.op, node.target, _freeze(node.args), _freeze(node.kwargs))
-        except _Unhashable:
-            continue
-        first = seen.setdefault(key, node)
-        if first is node:
-            continue
-        node.replace_all_uses_with(first)
-        graph.erase_node(node)
-        report.nodes_deduplicated += 1
-        report.routes_deduplicated += node.target in ROUTE
-
-
 def _mutation_between(order: dict, mutations: list[fx.Node], a: fx.Node, b: fx.Node) -> Optional[fx.Node]:
     return next((m for m in mutations if order[a] < order[m] < order[b]), None)
 
@@ -224,10 +141,10 @@ def _hoist(args: list, first: fx.Node, order: dict) -> bool:
     return True
 
 
-def _merge_reads(graph: fx.Graph, b: _Builder, report: FuseReport) -> None:
+def _merge_reads(graph: fx.Graph, b: GraphBuilder, report: FuseReport) -> None:
     groups: dict[tuple, list[fx.Node]] = {}
     for n in graph.nodes:
-        if n.op == "call_function" and n.target in READ and len(n.args) == 5 and not n.kwargs:
+        if n.op == "call_function" and mohd_op_kind(n.target) == "read" and len(n.args) == 5 and not n.kwargs:
             x, _, bias, mask, alpha = n.args
             groups.setdefault((x, mask, alpha, bias is None), []).append(n)
     mutations = [n for n in graph.nodes if _mutates(n)]
@@ -283,7 +200,8 @@ def _passes_values_through(node: fx.Node, src: fx.Node) -> bool:
 
 
 def _is_plain_add(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")) \
+    return ((node.op == "call_function" and node.target in _ADDS)
+            or (node.op == "call_method" and node.target == "add")) \
         and len(node.args) == 2 and not node.kwargs
 
 
@@ -317,9 +235,9 @@ def _residual_add(w: fx.Node) -> Optional[tuple[fx.Node, fx.Node, list[fx.Node]]
     return add, h, chain
 
 
-def _fuse_writes(graph: fx.Graph, b: _Builder, report: FuseReport) -> None:
+def _fuse_writes(graph: fx.Graph, b: GraphBuilder, report: FuseReport) -> None:
     mutations = [n for n in graph.nodes if _mutates(n)]
-    for w in [n for n in graph.nodes if n.op == "call_function" and n.target in WRITE]:
+    for w in mohd_op_nodes(graph, ("write",)):
         found = _residual_add(w) if len(w.args) == 5 and not w.kwargs else None
         if found is None:
             continue
@@ -342,11 +260,10 @@ def _fuse_writes(graph: fx.Graph, b: _Builder, report: FuseReport) -> None:
 
 
 def fuse_graph(gm: fx.GraphModule) -> FuseReport:
-    """Run the three sub-passes (module docstring) on a mohdified model's dynamo graph, in place."""
+    """Run the two sub-passes (module docstring) on a mohdified model's dynamo graph, in place."""
     report = FuseReport()
     graph = gm.graph
-    _dedupe(graph, report)
-    builder = _Builder(graph, _graph_fake_mode(graph))
+    builder = GraphBuilder(graph, graph_fake_mode(graph))
     _merge_reads(graph, builder, report)
     _fuse_writes(graph, builder, report)
     graph.lint()

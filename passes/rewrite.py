@@ -10,13 +10,13 @@ Pattern: the residual branches of `passes.analyze.analyze_graph`, where a linear
     F.linear(x, W, b) / torch._C._nn.linear(x, W, b)    W: [O, I], or
     torch.addmm(b, x, W)                                  W: [I, O] (GPT-2 Conv1D)
 whose W is a parameter placeholder (or get_attr). Each branch (readers R_j, writer W_o) becomes
-    x2    = x.reshape(-1, D)                              once per distinct reader input x
-    mask  = mohdify.route(magnitude_scores(x2).detach(), shared, routed, k)[0]
-    alpha = activation_scale(x2, mask, ...)               only for scaling != "none"
-    R_j:  mohdify.read(x2, W_j, b_j, mask, alpha), viewed back to [..., O_j]
-    W_o:  mohdify.write(u.reshape(-1, I), W_o, b_o, mask.to(x.dtype), None), viewed back to [..., D]
+    x2      = x.reshape(-1, D)                            once per distinct reader input x
+    routing = route_tokens(x2, None, shared, routed, k, scaling, density)   (mask, scale, gates, _)
+    R_j:  mohdify.read(x2, W_j, b_j, routing.mask, routing.scale), viewed back to [..., O_j]
+    W_o:  mohdify.write(u.reshape(-1, I), W_o, b_o, routing.gates, None), viewed back to [..., D]
 where the writer takes the routing of the input of the last reader that runs before it (what the
-eager MoHDWriter reads from its branch). Scores and scale come from the functions MoHDBranch uses.
+eager MoHDWriter takes from its branch). `route_tokens` is the function MoHDBranch.route calls:
+the branch math is written once (mohdify/routing.py).
 
 Preconditions: config.router == "magnitude" and config.fusion == "none" (a graph rewrite cannot add
 parameters); num_groups divides the hidden size D (else ConfigError).
@@ -32,28 +32,25 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import mohdify.codegen  # noqa: F401 - registers torch.ops.mohdify.*
 from mohdify.config import MoHDConfig
-from mohdify.modules import activation_scale, magnitude_scores
+from mohdify.routing import route_tokens
 
 from .analyze import BranchMatch, LinearRef, analyze_graph, innermost_module
 from .capture import module_path, node_value
 from .find import _common_parent, _skip_reasons
+from .targets import ADDMM_FNS, LINEAR_FNS
 
-__all__ = ["RewriteReport", "dynamo_resolver", "rewrite_graph", "mohd_op_nodes", "unflatten_tokens", "MOHD_OPS"]
+__all__ = ["RewriteReport", "GraphBuilder", "dynamo_resolver", "graph_fake_mode", "rewrite_graph", "unflatten_tokens"]
 
-LINEAR_FNS = (torch._C._nn.linear, F.linear)    # (input, weight, bias), weight [O, I]
-ADDMM_FNS = (torch.addmm,)                      # (bias, input, weight), weight [I, O]
-MOHD_OPS = {torch.ops.mohdify.route.default, torch.ops.mohdify.read.default, torch.ops.mohdify.write.default,
-            torch.ops.mohdify.route, torch.ops.mohdify.read, torch.ops.mohdify.write}
 
 
 @dataclass
@@ -68,11 +65,6 @@ class RewriteReport:
     @property
     def readers(self) -> int:
         return sum(len(r) for _, r, _ in self.branches)
-
-
-def mohd_op_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """Calls of torch.ops.mohdify.route/read/write in a graph (a mohdified model's graph has them)."""
-    return [n for n in graph.nodes if n.op == "call_function" and n.target in MOHD_OPS]
 
 
 def unflatten_tokens(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -144,7 +136,7 @@ def dynamo_resolver(gm: fx.GraphModule) -> Callable[[fx.Node], Optional[LinearRe
     return resolve
 
 
-class _Builder:
+class GraphBuilder:
     """Inserts nodes and gives each its fake example value and the module stack it stands for."""
 
     def __init__(self, graph: fx.Graph, fake_mode):
@@ -174,29 +166,22 @@ def _tokens_match(x: fx.Node, x_width: int, u: fx.Node, u_width: int) -> bool:
     return bool(statically_known_true(xv.numel() // x_width == uv.numel() // u_width))
 
 
-def _route(b: _Builder, x: fx.Node, hidden: int, config: MoHDConfig, before: fx.Node) -> tuple:
-    """Insert the magnitude routing of branch input x before `before`: (x2, mask, alpha)."""
+def _route(b: GraphBuilder, x: fx.Node, hidden: int, config: MoHDConfig, before: fx.Node) -> tuple:
+    """Insert the magnitude routing of branch input x before `before`: (x2, mask, scale, gates)."""
     val = node_value(x)
-    group_size = hidden // config.num_groups
     with b.graph.inserting_before(before):
         x2 = b.node("call_method", "reshape", (x, -1, hidden), before)                      # [T, D]
         on_device = {"device": val.device}
         shared = b.node("call_function", torch.arange, (0, config.num_shared), before, on_device)  # [N_s]
         routed = b.node("call_function", torch.arange, (config.num_shared, config.num_groups), before,
                         on_device)                                                          # [N_r]
-        scores = b.node("call_function", magnitude_scores, (x2, group_size, routed), before)  # [T, N_r]
-        scores = b.node("call_method", "detach", (scores,), before)
-        picked = b.node("call_function", torch.ops.mohdify.route.default,
-                        (scores, shared, routed, config.top_k), before)
-        mask = b.node("call_function", operator.getitem, (picked, 0), before)              # [T, N]
-        alpha = None
-        if config.scaling != "none":
-            alpha = b.node("call_function", activation_scale,
-                           (x2, mask, config.scaling, config.density, group_size), before)  # [T]
-    return x2, mask, alpha
+        routing = b.node("call_function", route_tokens, (x2, None, shared, routed, config.top_k, config.scaling,
+                                                         config.density), before)
+        mask, scale, gates = (b.node("call_function", operator.getitem, (routing, i), before) for i in range(3))
+    return x2, mask, (scale if config.scaling != "none" else None), gates
 
 
-def _replace_reader(b: _Builder, ref: LinearRef, x2: fx.Node, mask: fx.Node, alpha: Optional[fx.Node]) -> None:
+def _replace_reader(b: GraphBuilder, ref: LinearRef, x2: fx.Node, mask: fx.Node, alpha: Optional[fx.Node]) -> None:
     x, w, bias, transposed = _linear_parts(ref.node)
     with b.graph.inserting_before(ref.node):
         weight = b.node("call_method", "t", (w,), ref.node) if transposed else w          # [O, D]
@@ -206,10 +191,9 @@ def _replace_reader(b: _Builder, ref: LinearRef, x2: fx.Node, mask: fx.Node, alp
     b.graph.erase_node(ref.node)
 
 
-def _replace_writer(b: _Builder, ref: LinearRef, mask: fx.Node, dtype: torch.dtype) -> None:
+def _replace_writer(b: GraphBuilder, ref: LinearRef, gates: fx.Node) -> None:
     u, w, bias, transposed = _linear_parts(ref.node)
     with b.graph.inserting_before(ref.node):
-        gates = b.node("call_method", "to", (mask, dtype), ref.node)                      # [T, N]
         u2 = b.node("call_method", "reshape", (u, -1, ref.in_features), ref.node)         # [T, I]
         weight = b.node("call_method", "t", (w,), ref.node) if transposed else w          # [D, I]
         o2 = b.node("call_function", torch.ops.mohdify.write.default, (u2, weight, bias, gates, None), ref.node)
@@ -218,19 +202,19 @@ def _replace_writer(b: _Builder, ref: LinearRef, mask: fx.Node, dtype: torch.dty
     b.graph.erase_node(ref.node)
 
 
-def _rewrite_branch(b: _Builder, m: BranchMatch, hidden: int, config: MoHDConfig, order: dict) -> None:
+def _rewrite_branch(b: GraphBuilder, m: BranchMatch, hidden: int, config: MoHDConfig, order: dict) -> None:
     readers = sorted(m.readers, key=lambda r: order[r.node])
     routed: dict[fx.Node, tuple] = {}
     for r in readers:
         if r.input not in routed:
             routed[r.input] = _route(b, r.input, hidden, config, r.node)
-        _replace_reader(b, r, *routed[r.input])
+        x2, mask, scale, _ = routed[r.input]
+        _replace_reader(b, r, x2, mask, scale)
     last = [r for r in readers if order[r.node] < order[m.writer.node]][-1]
-    _, mask, _ = routed[last.input]
-    _replace_writer(b, m.writer, mask, node_value(last.input).dtype)
+    _replace_writer(b, m.writer, routed[last.input][3])
 
 
-def _graph_fake_mode(graph: fx.Graph):
+def graph_fake_mode(graph: fx.Graph):
     """The fake mode of the graph's example values (new nodes' values must come from the same one)."""
     from torch._subclasses.fake_tensor import FakeTensor
     for n in graph.nodes:
@@ -253,7 +237,7 @@ def rewrite_graph(gm: fx.GraphModule, config: MoHDConfig) -> RewriteReport:
     hidden = analysis.hidden_size
     config.check_hidden_size(hidden)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    builder = _Builder(gm.graph, _graph_fake_mode(gm.graph))
+    builder = GraphBuilder(gm.graph, graph_fake_mode(gm.graph))
     claimed: set[fx.Node] = set()
     for m in sorted(analysis.branches, key=lambda m: order[m.writer.node]):
         names = [r.fqn for r in m.readers]

@@ -50,7 +50,7 @@ class RoutingRecorder:
     """Context manager recording the routing of every reader and writer call of a mohdified model.
 
     `reads[reader]`: list of dicts (x `[T, D]`, mask `[T, N]`, alpha `[T]` or None, gates `[T, N]`);
-    `writes[writer]`: list of the gates `[T, N]` the writer found on its branch.
+    `writes[writer]`: list of the gates `[T, N]` of the routing the writer consumed.
     """
 
     def __init__(self, model: nn.Module):
@@ -66,11 +66,11 @@ class RoutingRecorder:
         original = branch.route
 
         def route(x: Tensor):
-            mask, alpha = original(x)
-            self._last[id(branch)] = dict(x=x.detach().clone(), mask=mask.clone(),
-                                          alpha=None if alpha is None else alpha.detach().clone(),
-                                          gates=branch.gates.detach().clone())
-            return mask, alpha
+            routing = original(x)
+            self._last[id(branch)] = dict(x=x.detach().clone(), mask=routing.mask.clone(),
+                                          alpha=None if routing.scale is None else routing.scale.detach().clone(),
+                                          gates=routing.gates.detach().clone())
+            return routing
 
         branch.route = route   # an instance attribute shadows the method until __exit__
         self._branches.append(branch)
@@ -79,13 +79,14 @@ class RoutingRecorder:
         for b in self.plan.branches:
             branch = branch_of(self.model, b.writer)
             self._wrap_route(branch)
+            key = id(branch)
             for name in b.readers:
-                def after_read(module, args, out, name=name, key=id(branch)):
-                    self.reads[name].append(self._last.pop(key))
+                def after_read(module, args, out, name=name, key=key):
+                    self.reads[name].append(self._last[key])   # readers of one input share its routing
                 self._handles.append(self.model.get_submodule(name).register_forward_hook(after_read))
 
-            def before_write(module, args, name=b.writer):
-                self.writes[name].append(module.branch.gates.detach().clone())
+            def before_write(module, args, name=b.writer, key=key):
+                self.writes[name].append(self._last[key]["gates"])
             self._handles.append(self.model.get_submodule(b.writer).register_forward_pre_hook(before_write))
         return self
 

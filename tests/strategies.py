@@ -6,16 +6,17 @@ failing example replays exactly; every draw is reported with `note()`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from hypothesis import note
 from hypothesis import strategies as st
+from zoo import VOCAB, ZOO
 
 import mohdify
 from mohdify.config import FUSIONS, ROUTERS, SCALINGS
-from zoo import VOCAB, ZOO
 
 SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
 MAX_GROUPS = 16   # more groups than this only makes groups of 1-3 dims in the zoo's D = 32..64

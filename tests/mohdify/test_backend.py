@@ -16,19 +16,18 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
+from strategies import main_output, run
 from torch import nn
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._dynamo.utils import counters
-
-import mohdify
-from conftest import assert_close
-from strategies import main_output, run
-from mohdify.codegen import read_naive, write_naive
-from mohdify.modules import MoHDBranch
-from mohdify.backend import backend_config
-from mohdify.errors import ConfigError
 from zoo import ZOO, _ids
 
+import mohdify
+from mohdify.backend import backend_config
+from mohdify.codegen import read_naive, write_naive
+from mohdify.errors import ConfigError
+from mohdify.modules import MoHDBranch
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -256,10 +255,10 @@ def test_functional_linears_are_named_after_their_weights(caplog):
     # the same math by hand, with MoHDBranch's own routing and the reference ops
     branch = MoHDBranch(16, mohdify.MoHDConfig(router="magnitude", **options))
     x2 = F.layer_norm(x, (16,)).reshape(-1, 16)
-    mask, alpha = branch.route(x2)
+    routing = branch.route(x2)
     with torch.no_grad():
-        up = read_naive(x2, model.w_up, None, mask, alpha)
-        expected = x + write_naive(torch.relu(up), model.w_down, None, branch.gates, None).view(3, 5, 16)
+        up = read_naive(x2, model.w_up, None, routing.mask, routing.scale)
+        expected = x + write_naive(torch.relu(up), model.w_down, None, routing.gates, None).view(3, 5, 16)
     assert_close(got, expected, "functional model (F.linear on Parameters) vs MoHDBranch + reference ops")
 
 

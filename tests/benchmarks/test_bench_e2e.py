@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from e2e_models import SHAPES, Decoder, active_width, build_model, mohd_config  # noqa: E402
@@ -20,12 +20,10 @@ from lite_llama import LiteConfig, LiteLlama  # noqa: E402
 
 
 def assert_fused(counters: dict) -> bool:
-    """One mohdified graph of 2 llama layers, fused: per layer 3 + 2 reader routes -> 2 (6 removed),
-    q|k|v and gate|up -> 2 read_multi, 2 writes + residual adds -> write_add."""
-    structural = {k: v for k, v in counters.items() if k != "nodes_deduplicated"}
-    assert structural == {"graphs": 1, "mohdified_graphs": 1, "routes_deduplicated": 6, "reads_merged": 10,
-                          "read_multi": 4, "writes_fused": 4}, counters
-    assert counters["nodes_deduplicated"] >= 6, counters   # the whole routing chain of each reader
+    """One mohdified graph of 2 llama layers, fused: per layer q|k|v and gate|up -> 2 read_multi,
+    2 writes + residual adds -> write_add (routing is computed once per branch already)."""
+    assert dict(counters) == {"graphs": 1, "mohdified_graphs": 1, "reads_merged": 10, "read_multi": 4,
+                              "writes_fused": 4}, counters
     return True
 
 

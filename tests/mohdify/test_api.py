@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from zoo import ZOO
 
 import mohdify
 from mohdify.modules import MoHDBranch, MoHDReader, MoHDWriter
-from zoo import ZOO
+from mohdify.routing import balance_loss
 
 CFG = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1)   # density 0.5
 
@@ -69,15 +70,19 @@ def test_graph_shows_named_mohd_ops_and_runs():
     for i in range(2):
         assert f"mohd_read__transformer_h_{i}_attn_c_attn" in names
         assert f"mohd_write__transformer_h_{i}_attn_c_proj" in names
-        assert f"mohd_route__transformer_h_{i}_mlp_c_fc" in names
+        assert f"mohd_route__transformer_h_{i}_mlp" in names
+        assert f"mohd_route__transformer_h_{i}_attn" in names
         assert f"mohd_write__transformer_h_{i}_mlp_c_proj" in names
     assert len(names) == 4 * 3
-    assert "mohdify.read" in gm.code or "mohdify.read" in str(gm.graph)
+    assert gm.code.count("torch.ops.mohdify.read.default(") == 4
     out = gm(**inputs)
     ref = model(**inputs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     assert torch.equal(logits, ref.logits)
-    assert all(b.gates is not None for b in mohdify.branches(model))   # the eager call above
+    summary = gm.summary()
+    assert summary.splitlines()[0] == "MoHD graph: 4 routings, 4 reads, 4 writes"
+    assert ("transformer.h.1.mlp:\n  route\n  read  transformer.h.1.mlp.c_fc\n"
+            "  write transformer.h.1.mlp.c_proj") in summary
 
 
 def test_graph_requires_a_mohdified_model():
@@ -93,17 +98,18 @@ def test_aux_loss_value_matches_the_spec_formula():
     g = torch.Generator().manual_seed(3)
     for b in mohdify.branches(model):
         b.router.data = torch.randn(b.router.shape, generator=g)
+    model.train()   # balance losses are kept in training mode
     model(*inputs)
     expected = 0.0
     for b in mohdify.branches(model):
-        assert b.last_aux_loss is not None and b.last_aux_loss.requires_grad
-        expected = expected + 0.5 * b.last_aux_loss
+        assert len(b.balance_log.items) == 1 and b.balance_log.items[0].requires_grad
+        expected = expected + 0.5 * b.balance_log.items[0]
     assert torch.equal(mohdify.aux_loss(model), expected)
+    assert all(not b.balance_log.items for b in mohdify.branches(model))   # taken
     # with all tokens on one group, f = (1, 0, 0) and the loss is N_r * P_0 per branch
-    branch = mohdify.branches(model)[0]
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]])
     topk = torch.tensor([[0], [0]])
-    assert torch.allclose(branch.balance_loss(probs, topk), torch.tensor(3 * 0.6))
+    assert torch.allclose(balance_loss(probs, topk), torch.tensor(3 * 0.6))
 
 
 def test_magnitude_router_has_no_parameters_and_zero_aux_loss():
@@ -150,3 +156,57 @@ def test_hf_save_pretrained_round_trip(tmp_path):
     missing, unexpected = fresh.load_state_dict(saved, strict=False)
     assert unexpected == [] and set(missing) <= {"lm_head.weight"}   # tied to the embeddings
     assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+
+
+def test_graph_of_llama_has_one_routing_per_branch_application():
+    model, inputs = ZOO["llama"].build()
+    mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=8, num_shared=2, top_k=2), example_inputs=inputs)
+    gm = mohdify.graph(model, inputs)
+    kinds = [n.name.split("__")[0] for n in gm.graph.nodes if n.name.startswith("mohd_")]
+    assert (kinds.count("mohd_route"), kinds.count("mohd_read"), kinds.count("mohd_write")) == (4, 10, 4)
+    lines = gm.summary().splitlines()
+    assert lines[:6] == ["MoHD graph: 4 routings, 10 reads, 4 writes", "model.layers.0.self_attn:", "  route",
+                         "  read  model.layers.0.self_attn.q_proj", "  read  model.layers.0.self_attn.k_proj",
+                         "  read  model.layers.0.self_attn.v_proj"]
+    assert len(lines) == 1 + 4 * 2 + 10 + 4
+
+
+class _SequentialMLP(torch.nn.Module):
+    """A pre-norm block whose MLP is an nn.Sequential(Linear, GELU, Linear)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Linear(4 * d, d))
+
+    def forward(self, h):
+        return h + self.mlp(self.norm(h))
+
+
+def test_a_branch_inside_nn_sequential_is_not_called_by_it():
+    model = _SequentialMLP().eval()
+    x = torch.randn(2, 5, 32)
+    dense = model(x)
+    mohdify.mohdify(model, mohdify.MoHDConfig.dense(num_groups=4, num_shared=1), example_inputs=(x,))
+    assert [type(m).__name__ for m in model.mlp] == ["MoHDReader", "GELU", "MoHDWriter"]
+    assert model.mohd_plan.branches[0].name == ""   # the closest module that is not a container: the root
+    assert isinstance(model.mohd, MoHDBranch) and "mohd.router" in model.state_dict()
+    assert torch.allclose(model(x), dense, atol=1e-6)
+    gm = mohdify.graph(model, (x,))
+    assert gm.summary().splitlines()[1:] == ["(branch):", "  route", "  read  mlp.0", "  write mlp.2"]
+    mohdify.demohdify(model)
+    assert [type(m).__name__ for m in model.mlp] == ["Linear", "GELU", "Linear"] and not hasattr(model, "mohd")
+
+
+def test_a_rewrite_that_cannot_run_is_rolled_back(monkeypatch):
+    model, inputs = ZOO["nanogpt"].build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(self, u):
+        raise RuntimeError("injected: the writer cannot run")
+    monkeypatch.setattr(MoHDWriter, "forward", broken)
+    with pytest.raises(mohdify.UnsupportedModelError, match="failed on example_inputs .*injected.*restored"):
+        mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1), example_inputs=inputs)
+    assert not mohdify.branches(model) and "mohd_plan" not in vars(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
