@@ -49,15 +49,32 @@ import heapq
 import itertools
 import operator
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import fx
 
 from .capture import _join, module_path, node_value
-from .graphview import (ADD_TARGETS, LINEAR_TARGETS, PASS_FUNCTIONS, PASS_METHODS, GraphView, canonical, cls_name,
-                        innermost_module, is_add, is_alias, is_div, is_mul, is_shape_only, is_sub, last_dim, numel,
-                        op_name)
+from .graphview import (
+    ADD_TARGETS,
+    LINEAR_TARGETS,
+    PASS_FUNCTIONS,
+    PASS_METHODS,
+    GraphView,
+    canonical,
+    cls_name,
+    innermost_module,
+    is_add,
+    is_alias,
+    is_div,
+    is_mul,
+    is_shape_only,
+    is_sub,
+    last_dim,
+    numel,
+    op_name,
+)
 
 __all__ = ["LinearRef", "BranchMatch", "GraphAnalysis", "analyze_graph", "LINEAR_TARGETS", "ADD_TARGETS",
            "innermost_module", "canonical"]
@@ -130,7 +147,8 @@ def sum_terms(view: GraphView, root: fx.Node) -> list[fx.Node]:
         while inner is not root and is_alias(inner) and len(view.users(inner)) == 1 and \
                 isinstance(view.arg(inner, 0), fx.Node) and numel(view.arg(inner, 0)) == numel(inner):
             inner = view.arg(inner, 0)   # a single-use copy of an inner add
-        if is_add(inner) and (inner is root or (_through_copies(view, inner) is not None and numel(inner) == numel(root))):
+        single = _through_copies(view, inner) is not None and numel(inner) == numel(root)
+        if is_add(inner) and (inner is root or single):
             todo.extend(reversed(view.add_operands(inner)))
         else:
             out.append(n)
@@ -336,9 +354,11 @@ def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefi
               and _sum_root(view, n) is n]
     for root in roots:
         terms = sum_terms(view, root)
-        streams = {t: h for t in terms
-                   if (h := stream_source(view, t, lambda s: (s in known or canonical(s) in known)
-                                          and numel(s) == numel(root))) is not None}
+        size = numel(root)
+
+        def on_stream(s: fx.Node, size: Optional[int] = size) -> bool:
+            return (s in known or canonical(s) in known) and numel(s) == size
+        streams = {t: h for t in terms if (h := stream_source(view, t, on_stream)) is not None}
         if not streams or len(streams) == len(terms):
             continue
         h = next(iter(streams.values()))

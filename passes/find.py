@@ -10,7 +10,8 @@ activations by its own parameter without being a linear layer (MoE routers, stac
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from torch import fx, nn
 
@@ -19,8 +20,8 @@ from mohdify.errors import UnsupportedModelError
 from mohdify.plan import Branch, Plan
 
 from .analyze import GraphAnalysis, analyze_graph
-from .graphview import LINEAR_TARGETS, innermost_module
 from .capture import capture
+from .graphview import LINEAR_TARGETS, innermost_module
 from .resolve import is_linear_layer, linear_features, module_resolver, weight_source
 
 __all__ = ["is_linear_layer", "linear_features", "find_plan", "module_resolver", "NOT_CAPTURED"]

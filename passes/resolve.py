@@ -8,7 +8,8 @@ the analysis finds too so that the plan can say truly why it stays dense.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from zoo import VOCAB, Block, ZooModel, _hf, _ids, _layers
 
 D = 64

@@ -14,13 +14,26 @@ import warnings
 
 import pytest
 import torch
-
-import mohdify
 from conftest import assert_close
-from coverage_models import (SUMS, AddForms, BreakBlock, BreakNet, CastStream, DeepNorm, LoopBreakBlock, Net, Parallel,
-                             RMSBlock, Twice, WeightForms, branches_of)
+from coverage_models import (
+    SUMS,
+    AddForms,
+    BreakBlock,
+    BreakNet,
+    CastStream,
+    DeepNorm,
+    LoopBreakBlock,
+    Net,
+    Parallel,
+    RMSBlock,
+    Twice,
+    WeightForms,
+    branches_of,
+)
 from zoo import ZOO
 from zoo_extra import EXTRA
+
+import mohdify
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
 DENSE = mohdify.MoHDConfig.dense(num_groups=4, num_shared=1)

@@ -17,12 +17,12 @@ import os
 from contextlib import contextmanager
 
 import torch
+from conftest import assert_close
+from fuzz_models import LayerSpec, Spec, build, expected
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import mohdify
-from conftest import assert_close
-from fuzz_models import LayerSpec, Spec, build, expected
 from mohdify.passes.find import OUTSIDE_BLOCKS
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
