@@ -5,7 +5,7 @@ branches (holder, readers, writer), no false branch, the distractors left dense 
 dense equivalence at delta = 1, finite outputs at delta < 1, and demohdify giving back the original
 weights and outputs bit for bit.
 
-Budget: FUZZ_EXAMPLES examples (default 60, under a minute on 2 cores: about 40 s of CPU); run many more with
+Budget: FUZZ_EXAMPLES examples (default 50: under a minute on 2 cores); run many more with
 `MOHDIFY_FUZZ_EXAMPLES=500 python -m pytest -q tests/test_fuzz.py`.
 """
 
@@ -26,7 +26,7 @@ import mohdify
 from mohdify.passes.find import OUTSIDE_BLOCKS
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
-FUZZ_EXAMPLES = int(os.environ.get("MOHDIFY_FUZZ_EXAMPLES", "60"))
+FUZZ_EXAMPLES = int(os.environ.get("MOHDIFY_FUZZ_EXAMPLES", "50"))
 HEAD = "reads the residual stream but feeds no residual branch"
 GATE = "reads the branch input but only gates or routes the branch's output"
 FRONTENDS = {"export": "torch.export", "dynamo": "dynamo", "blocks": "torch.export per block"}
