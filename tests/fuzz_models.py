@@ -1,6 +1,6 @@
 """Transformer-shaped models built from parts, with their readers and writers known by construction.
 
-A `Spec` (drawn by hypothesis in tests/test_fuzz.py) fixes every choice; `build(spec)` makes the
+A `Spec` (drawn by hypothesis in tests/passes/test_fuzz.py) fixes every choice; `build(spec)` makes the
 model and says what the analysis must find: the exact readers and writer of every branch, the branch
 holder's name, and the distractor layers that must stay dense. Parts:
   norms: LayerNorm, F.rms_norm, Llama-style RMSNorm (x.to(float32) ... .to(dtype)), none;

@@ -6,7 +6,7 @@ dense equivalence at delta = 1, finite outputs at delta < 1, and demohdify givin
 weights and outputs bit for bit.
 
 Budget: FUZZ_EXAMPLES examples (default 50: under a minute on 2 cores); run many more with
-`MOHDIFY_FUZZ_EXAMPLES=500 python -m pytest -q tests/test_fuzz.py`.
+`MOHDIFY_FUZZ_EXAMPLES=500 python -m pytest -q tests/passes/test_fuzz.py`.
 """
 
 from __future__ import annotations
