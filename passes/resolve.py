@@ -43,7 +43,8 @@ _WEIGHT_STEPS = 8   # ops between a parameter and the weight operand: t, transpo
 # Ops that take a view, a slice or a copy of a weight (a stacked weight's select/index included).
 _WEIGHT_VIEWS = {"t", "T", "mT", "numpy_T", "transpose", "permute", "getitem", "select", "slice", "index",
                  "view", "reshape", "_unsafe_view", "contiguous", "to", "_to_copy", "alias", "detach", "clone",
-                 "expand", "unsqueeze", "squeeze", "lift_fresh_copy", "getattr", "type_as"}
+                 "expand", "unsqueeze", "squeeze", "lift_fresh_copy", "getattr", "type_as", "type", "float", "half",
+                 "bfloat16", "double"}
 
 
 def _base_name(n: fx.Node) -> str:

@@ -285,3 +285,32 @@ def test_errors_name_the_function_called():
             call()
     with pytest.raises(mohdify.InputError, match=r"^mohdify\(\): Sequential failed on example_inputs"):
         mohdify.mohdify(model, DENSE, example_inputs=(torch.randn(2, 5),))
+
+
+@pytest.mark.parametrize("name", ["cohere", "deepseek_v3", "mamba", "whisper_encoder"])
+def test_new_architectures_give_one_plan_with_every_frontend(name, monkeypatch):
+    """The same branches and reasons with torch.export, dynamo and export block by block (layers
+    outside the blocks are then in no graph, and say so)."""
+    from mohdify.passes.find import OUTSIDE_BLOCKS
+    model, inputs = EXTRA[name].build()
+    want = mohdify.explain(model, inputs, DENSE)
+    real_export = capture_mod._export
+
+    def block_export_only(model, args, kwargs, prefix=""):
+        if not prefix:
+            raise RuntimeError("whole-model export disabled by the test")
+        return real_export(model, args, kwargs, prefix)
+    monkeypatch.setattr(capture_mod, "_export", block_export_only)
+    plans = {"dynamo": mohdify.explain(model, inputs, DENSE)}
+    monkeypatch.setattr(capture_mod, "_dynamo", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no dynamo")))
+    plans["torch.export per block"] = mohdify.explain(model, inputs, DENSE)
+    blocks = {b.name.rsplit(".", 1)[0] for b in want.branches}
+    for frontend, plan in plans.items():
+        assert plan.frontend == frontend
+        assert [(b.name, b.readers, b.writer) for b in plan.branches] == \
+            [(b.name, b.readers, b.writer) for b in want.branches], frontend
+        expected = dict(want.skipped)
+        if frontend == "torch.export per block":
+            expected = {k: (v if any(k.startswith(p + ".") for p in blocks) else OUTSIDE_BLOCKS)
+                        for k, v in expected.items()}
+        assert dict(plan.skipped) == expected, frontend
