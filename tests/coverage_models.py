@@ -79,7 +79,7 @@ class DeepNorm(nn.Module):
 
 
 class AddForms(nn.Module):
-    """Residual adds written h.add(f), h.add_(f, alpha=...) and torch.add."""
+    """Residual adds written h.add(f), h.add_(f, alpha=...), torch.add and +=."""
 
     def __init__(self):
         super().__init__()
@@ -89,7 +89,9 @@ class AddForms(nn.Module):
         x = x.add(self.attn(self.n(x)))
         y = x.clone()
         y.add_(self.mlp(self.n2(x)), alpha=0.5)
-        return torch.add(y, self.attn(self.n(y)))
+        z = torch.add(y, self.attn(self.n(y)))
+        z += self.mlp(self.n2(z))
+        return z
 
 
 class CastStream(nn.Module):
