@@ -118,6 +118,7 @@ class GraphAnalysis:
     view: Optional[GraphView] = None
     blocked: list[LinearRef] = field(default_factory=list)   # writers whose output reaches the sum through
                                                               # an op that does not keep zeros
+    dense_sums: list[fx.Node] = field(default_factory=list)   # residual sums with a term from no writer (MoE)
 
 
 def _through_copies(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
@@ -167,8 +168,8 @@ def _stream_parent(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
         for x, other in zip(candidates, [b, a]):
             if not isinstance(x, fx.Node) or numel(x) != numel(n):
                 continue
-            if not isinstance(other, fx.Node) or (numel(other) or 0) <= (last_dim(n) or 0):
-                return x
+            if not isinstance(other, fx.Node) or (numel(other) or 0) <= (last_dim(n) or 0) or last_dim(other) == 1:
+                return x   # times a scalar, a vector or a per-token [.., 1] scale
     return None
 
 
@@ -340,6 +341,8 @@ def _split(update: fx.Node, view: GraphView) -> list[fx.Node]:
             todo.extend(view.inputs(n))
         elif is_shape_only(n):
             todo.extend(view.inputs(n)[:1])
+        elif (scaled := _stream_parent(view, n)) is not None:   # a LayerScale, a router weight
+            todo.append(scaled)
         else:
             out.append(n)
     return out
@@ -359,6 +362,15 @@ def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefi
         def on_stream(s: fx.Node, size: Optional[int] = size) -> bool:
             return (s in known or canonical(s) in known) and numel(s) == size
         streams = {t: h for t in terms if (h := stream_source(view, t, on_stream)) is not None}
+        if not streams and len(terms) > 1:   # a stream no branch has read yet (post-norm, before an MoE)
+            for t in terms:
+                others = [o for o in terms if o is not t]
+
+                def feeds_all(s: fx.Node, size: Optional[int] = size, others=others) -> bool:
+                    return numel(s) == size and all(s in view.ancestors(o) for o in others)
+                if (h := stream_source(view, t, feeds_all)) is not None:
+                    streams = {t: h}
+                    break
         if not streams or len(streams) == len(terms):
             continue
         h = next(iter(streams.values()))
@@ -370,6 +382,7 @@ def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefi
                         any(b.node in view.ancestors(part) for b in analysis.blocked):   # reported with its writer
                     continue
                 owner, cls = _term_owner(part, h, [w.fqn for w, _ in writers], prefix)
+                analysis.dense_sums.append(root)
                 analysis.skipped.append((owner or part.name, (
                     f"residual branch ({cls or 'unknown module'}) whose output does not come from a linear writer "
                     "(e.g. MoE experts, which hold stacked expert weights and see only the tokens routed to them); "

@@ -69,7 +69,7 @@ def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
     """Why each linear layer of a graph that is not a reader or writer stays dense."""
     used = {r.fqn for b in analysis.branches for r in b.readers} | {b.writer.fqn for b in analysis.branches}
     writers = {b.writer.node for b in analysis.branches}
-    adds = {b.add for b in analysis.branches}
+    adds = {b.add for b in analysis.branches} | set(analysis.dense_sums)
     linear_nodes = {lin.node for lin in analysis.linears}
     hidden = analysis.hidden_size
     reasons = {}

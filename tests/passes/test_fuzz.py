@@ -37,7 +37,7 @@ def layer_specs(draw) -> LayerSpec:
     residual = draw(st.sampled_from(["sequential", "parallel1", "parallel2"]))
     return LayerSpec(
         attn=draw(st.sampled_from(["separate", "fused", "mqa"])),
-        mlp=draw(st.sampled_from(["plain", "gated", "fused", "sequential"])),
+        mlp=draw(st.sampled_from(["plain", "gated", "fused", "sequential", "moe"])),
         residual=residual,
         order=tuple(draw(st.permutations(["x", "a", "m"]))),
         add=draw(st.sampled_from(["+", "torch.add", "method", "inplace"])),
@@ -61,7 +61,8 @@ def specs(draw) -> Spec:
                 layers=layers, names=(draw(st.sampled_from(["layers", "h", "blocks"])),
                                       draw(st.sampled_from(["attn", "self_attention", "mixer"])),
                                       draw(st.sampled_from(["mlp", "ffn", "feed_forward"]))),
-                pooler=draw(st.booleans()), probe=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+                pooler=draw(st.booleans()), probe=draw(st.booleans()), tied=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)))
 
 
 @contextmanager
@@ -109,7 +110,13 @@ def check_model(spec: Spec, fe: str, groups: int) -> None:
     skipped = dict(plan.skipped)
     for layer in want.dense:
         assert layer in skipped, f"{layer} has no reason in plan.skipped: {plan.skipped}"
-        reason = GATE if layer.endswith(".gate") else OUTSIDE_BLOCKS if fe == "blocks" else HEAD
+        if layer.endswith((".gate", ".router")):
+            reason = GATE
+        elif layer.count(".") == 2:   # an MoE block: its experts are no linear writer
+            reason = ("residual branch (MoE) whose output does not come from a linear writer",
+                      "MoE multiplies activations by its parameter 'w_")
+        else:
+            reason = OUTSIDE_BLOCKS if fe == "blocks" else HEAD
         assert skipped[layer].startswith(reason), f"{layer}: {skipped[layer]}"
     with torch.no_grad():
         out = model(*inputs)
