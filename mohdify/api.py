@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any, Optional
@@ -127,17 +128,23 @@ def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_in
     return model
 
 
+@contextlib.contextmanager
+def _balance_logs_kept(model: nn.Module):
+    """Passes run inside leave the branches' balance logs as they were (mohdify's own passes)."""
+    kept = {b: list(b.balance_log.items) for b in mohd_branches(model)}
+    try:
+        yield
+    finally:
+        for b, items in kept.items():
+            b.balance_log.items = items
+
+
 def _check_runs(model: nn.Module, example_inputs: Any) -> None:
     """Run the rewritten model once on the example inputs, leaving no trace: the RNG state (dropout),
     the balance logs and the grad mode are as before."""
     args, kwargs = normalize_inputs(model, example_inputs)
-    kept = {b: list(b.balance_log.items) for b in mohd_branches(model)}
-    try:
-        with torch.random.fork_rng(), torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for b, items in kept.items():
-            b.balance_log.items = items
+    with _balance_logs_kept(model), torch.random.fork_rng(), torch.no_grad():
+        model(*args, **kwargs)
 
 
 def demohdify(model: nn.Module) -> nn.Module:
@@ -214,13 +221,8 @@ def graph(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     user_keys = set(example_inputs) if isinstance(example_inputs, dict) else set()
     fixed = {k: v for k, v in kwargs.items() if k not in user_keys}   # e.g. use_cache=False
     kwargs = {k: v for k, v in kwargs.items() if k in user_keys}
-    kept = {b: list(b.balance_log.items) for b in mohd_branches(model)}
-    try:
-        with torch.no_grad():
-            program = torch.export.export(_Bound(model, fixed), args, kwargs, strict=False)
-    finally:
-        for b, items in kept.items():
-            b.balance_log.items = items
+    with _balance_logs_kept(model), torch.no_grad():
+        program = torch.export.export(_Bound(model, fixed), args, kwargs, strict=False)
     gm = program.module()
     text = _summary(_name_mohd_nodes(gm, model, prefix=_Bound.PREFIX))
     gm.summary = lambda: text
