@@ -374,11 +374,12 @@ def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefi
         if not streams or len(streams) == len(terms):
             continue
         h = next(iter(streams.values()))
+        sources = _stream_chain(view, h)
         writers = owns.get(root, [])
         covered = set().union(*(own for _, own in writers)) if writers else set()
         for term in (t for t in terms if t not in streams):
             for part in _split(term, view):
-                if part in covered or h not in view.ancestors(part) or \
+                if part in covered or not sources & view.ancestors(part) or \
                         any(b.node in view.ancestors(part) for b in analysis.blocked):   # reported with its writer
                     continue
                 owner, cls = _term_owner(part, h, [w.fqn for w, _ in writers], prefix)
@@ -387,6 +388,17 @@ def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefi
                     f"residual branch ({cls or 'unknown module'}) whose output does not come from a linear writer "
                     "(e.g. MoE experts, which hold stacked expert weights and see only the tokens routed to them); "
                     "left dense")))
+
+
+def _stream_chain(view: GraphView, h: fx.Node, limit: int = 8) -> set:
+    """h and the nodes it carries the value of (through copies, casts and scales; their canonical forms)."""
+    out, node = set(), h
+    for _ in range(limit):
+        if node is None:
+            break
+        out |= {node, canonical(node)}
+        node = _stream_parent(view, node)
+    return out
 
 
 def _term_owner(term: fx.Node, h: fx.Node, writers: list[str], prefix: str) -> tuple[str, str]:
