@@ -37,11 +37,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script: import the sibling modules
 
 import torch  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
-
 from common import environment, format_table, report_problems, run_provider, write_json  # noqa: E402
-from e2e_models import (SHAPES, Decoder, active_width, build_model, choose_impl, count_params,  # noqa: E402
-                        mohd_config, randomise_routers)
+from e2e_models import (  # noqa: E402
+    SHAPES,
+    Decoder,
+    active_width,
+    build_model,
+    choose_impl,
+    count_params,
+    mohd_config,
+    randomise_routers,
+)
+from torch._dynamo.utils import counters  # noqa: E402
 
 COLUMNS = [("provider", "provider", ""), ("delta", "delta", ".2f"), ("tok_per_s", "tok/s", ".1f"),
            ("ms_per_token", "ms/tok", ".3f"), ("speedup_vs_dense", "vs dense", ".3f"),
@@ -240,7 +247,7 @@ def run_providers(payload: dict, impl: str, providers: list, densities: list, ar
     model = build_model(impl, shape, device=prompt.device, dtype=dtype, seed=args.seed)
     payload["params"]["dense"] = count_params(model)
     if "dense" in providers:
-        attempt("dense", 1.0, lambda: measure(model, impl, "dense", args, prompt, cuda))
+        attempt("dense", 1.0, lambda m=model: measure(m, impl, "dense", args, prompt, cuda))
         free_memory(cuda)
     # Pairs in order (ideal, mohd) per density, so a run cut short keeps complete comparisons.
     for delta in densities:
@@ -248,11 +255,11 @@ def run_providers(payload: dict, impl: str, providers: list, densities: list, ar
             width = active_width(shape.dim, delta, args.groups)
             ideal = build_model(impl, shape, dim=width, device=prompt.device, dtype=dtype, seed=args.seed)
             payload["params"][f"ideal_{delta}"] = count_params(ideal)
-            attempt("ideal", delta, lambda: measure(ideal, impl, "ideal", args, prompt, cuda))
+            attempt("ideal", delta, lambda m=ideal: measure(m, impl, "ideal", args, prompt, cuda))
             del ideal
             free_memory(cuda)
         if "mohd" in providers:
-            attempt("mohd", delta, lambda: run_mohd(model, impl, delta, args, prompt, cuda))
+            attempt("mohd", delta, lambda m=model, d=delta: run_mohd(m, impl, d, args, prompt, cuda))
             free_memory(cuda)
     del model
     free_memory(cuda)

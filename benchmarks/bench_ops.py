@@ -20,12 +20,12 @@ independent-routing model of the kernel anchors); `union` is the fraction of gro
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
 from common import BF16_TFLOPS, COPY_TBPS, bench_ms
 
 PROVIDERS = ("dense", "dense_active", "naive", "compiled", "fused")

@@ -31,12 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script: im
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
-
 from bench_e2e import free_memory, model_dim, transformers_version  # noqa: E402
 from common import environment, format_table, report_problems, run_provider, write_json  # noqa: E402
-from e2e_models import (SHAPES, active_width, build_model, choose_impl, count_params, mohd_config,  # noqa: E402
-                        randomise_routers)
+from e2e_models import SHAPES, active_width, build_model, choose_impl, count_params, mohd_config, randomise_routers  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 COLUMNS = [("provider", "provider", ""), ("delta", "delta", ".2f"), ("ms_per_step", "ms/step", ".1f"),
            ("tokens_per_s", "tok/s", ".0f"), ("speedup_vs_dense", "vs dense", ".3f"),
@@ -187,10 +185,10 @@ def main(argv=None) -> int:
     model = build_model(impl, shape, device=device, dtype=dtype, seed=args.seed)
     payload["params"]["dense"] = count_params(model)
     if "dense" in providers:
-        attempt("dense", 1.0, lambda: train(model, impl, "dense", args, ids, cuda))
+        attempt("dense", 1.0, lambda m=model: train(m, impl, "dense", args, ids, cuda))
         free_memory(cuda)
     if "mohd" in providers:
-        attempt("mohd", args.density, lambda: run_mohd(model, impl, args, ids, cuda))
+        attempt("mohd", args.density, lambda m=model: run_mohd(m, impl, args, ids, cuda))
         free_memory(cuda)
     del model
     free_memory(cuda)

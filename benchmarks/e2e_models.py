@@ -18,9 +18,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from lite_llama import KVCache, LiteConfig, LiteLlama
+from torch import Tensor, nn
 
 __all__ = ["Shape", "SHAPES", "build_model", "mohd_config", "active_groups", "active_width", "randomise_routers",
            "Decoder", "choose_impl", "count_params"]

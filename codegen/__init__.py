@@ -5,10 +5,9 @@ Importing this package registers `torch.ops.mohdify.route`, `.read`, `.read_mult
 `.write_add` (`read_multi` and `write_add`: the fused forms the torch.compile backend puts in, passes/fuse.py).
 """
 
+from . import autocast  # noqa: F401 - autocast rules for the ops (it imports them first)
 from .read import read, read_naive
 from .route import route, route_naive
 from .write import write, write_naive
-
-from . import autocast  # noqa: E402,F401 - autocast rules for the ops above (after they exist)
 
 __all__ = ["route", "read", "write", "route_naive", "read_naive", "write_naive"]

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from . import read, write  # noqa: F401 - the ops must exist before their autocast rules
+
 __all__ = ["AUTOCAST_OPS"]
 
 # op name -> number of leading arguments cast (write_add's last argument, the residual, is not)

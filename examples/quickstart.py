@@ -48,7 +48,8 @@ def main() -> None:
     loss = model(input_ids=prompt, labels=prompt).loss + mohdify.aux_loss(model)   # a training step's loss
     loss.backward()
     routers = [b.router.grad.abs().sum().item() for b in mohdify.branches(model)]
-    print(f"training loss with the balance loss {loss.item():.4f}; routers got gradients: {all(g > 0 for g in routers)}")
+    print(f"training loss with the balance loss {loss.item():.4f}; "
+          f"routers got gradients: {all(g > 0 for g in routers)}")
     model.zero_grad(set_to_none=True)
 
     totals = model.mohd_plan.totals()

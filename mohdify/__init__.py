@@ -7,9 +7,11 @@
     dense = mohdify.demohdify(model)
 """
 
-from .api import aux_loss, branches, demohdify, explain, graph, mohdify
+from .api import aux_loss, branches, demohdify, explain, graph, mohdify, trace_routing
 from .calibrate import calibrate
 from .config import MoHDConfig
+from .expand import expand, expand_config, expansion_mohd_config
+from .flow import Flow, flow, flow_from_activations
 from .errors import CaptureError, ConfigError, InputError, MohdifyError, UnsupportedModelError
 from .plan import Branch, Plan
 from .saving import from_pretrained
@@ -18,6 +20,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoHDConfig", "Plan", "Branch", "explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "calibrate",
-    "from_pretrained",
+    "from_pretrained", "trace_routing", "expand", "expand_config", "expansion_mohd_config", "flow", "Flow", "flow_from_activations",
     "MohdifyError", "ConfigError", "InputError", "CaptureError", "UnsupportedModelError",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -15,10 +15,12 @@ from mohdify.passes.capture import normalize_inputs
 
 from .config import MoHDConfig
 from .errors import ConfigError, MohdifyError, UnsupportedModelError
+from .modules import MoHDWriter
 from .plan import Plan, untrained_router_note
+from .routing import Routing
 from .saving import forget_rewrite, record_rewrite
 
-__all__ = ["explain", "mohdify", "demohdify", "aux_loss", "graph", "branches"]
+__all__ = ["explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "trace_routing"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -137,6 +139,39 @@ def _balance_logs_kept(model: nn.Module):
     finally:
         for b, items in kept.items():
             b.balance_log.items = items
+
+
+@contextlib.contextmanager
+def trace_routing(model: nn.Module) -> Iterator[dict[str, list[Routing]]]:
+    """Record the routing of every branch application while the context is open.
+
+    Yields {branch name: [Routing, ...]} (one entry per application, in order; tensors detached,
+    no balance loss), filled as the model runs. Nothing is kept on the model.
+
+    Example::
+
+        with mohdify.trace_routing(model) as seen:
+            model(input_ids=ids)
+        load = (seen["model.layers.0.mlp"][0].mask).float().mean(0)   # [N] share of tokens per group
+    """
+    _check_model(model, "trace_routing")
+    seen: dict[str, list[Routing]] = {}
+
+    def before_write(module, args):
+        routing = module.branch.pending_routing()
+        if routing is not None:
+            seen.setdefault(module.branch.name, []).append(Routing(
+                routing.mask.detach(), None if routing.scale is None else routing.scale.detach(),
+                routing.gates.detach(), None))
+    handles = [m.register_forward_pre_hook(before_write) for m in model.modules() if isinstance(m, MoHDWriter)]
+    if not handles:
+        raise UnsupportedModelError(f"trace_routing: {type(model).__name__} is not mohdified; call "
+                                    "mohdify.mohdify() first.")
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _check_runs(model: nn.Module, example_inputs: Any) -> None:

@@ -9,9 +9,12 @@ Each graph dynamo hands over (one per graph piece: graph breaks give several) is
     one branch input (q|k|v, gate|up) one `mohdify::read_multi` (one Triton launch on CUDA), and
     each write followed by its residual add one `mohdify::write_add` (the add in the writer's
     epilogue). Then it is compiled: inductor keeps the custom ops as calls, which run the kernels
-    registered for the device (the reference ops on CPU), and compiles everything else;
+    registered for the device (Triton on CUDA; on CPU the kernels of codegen/cpu, which read only the
+    active groups' weights), and compiles everything else;
   - a graph of a dense model is analysed (the residual branches, their readers and writers) and
     rewritten to magnitude-routed MoHD ops (mohdify.passes.rewrite), fused the same way, then compiled.
+    Its weights keep nn.Linear's row-major layout (a backend does not re-lay parameters out), so on
+    CPU its readers read strided group blocks, slower than after mohdify() (codegen/README.md).
 
 Options: torch.compile(model, backend="mohd", options={...}) with the MoHDConfig fields
 `num_groups`, `num_shared`, `top_k`, `scaling` (router is "magnitude" and fusion "none": a backend

@@ -129,6 +129,12 @@ class MoHDBranch(nn.Module):
         slots[id(self)] = (x, x2, routing)
         return x2, routing
 
+    def pending_routing(self) -> Optional[Routing]:
+        """The routing of this thread's application in flight (its readers ran, its writer has not),
+        or None: for hooks that watch routing (a reader's forward hook, a writer's pre-hook)."""
+        held = SLOTS.slots.get(id(self))
+        return None if held is None else held[2]
+
     def take_routing(self) -> Routing:
         """The writer's view: the routing of this application, removed from the slot."""
         held = SLOTS.slots.pop(id(self), None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mohdify.codegen.cpu.layout import lay_out_reader_weight, restore_row_major
 from mohdify.config import MoHDConfig
 from mohdify.modules import MoHDBranch, MoHDLinear, MoHDReader, MoHDWriter
 from mohdify.plan import Plan
@@ -71,6 +72,9 @@ def apply_plan(model: nn.Module, plan: Plan, config: MoHDConfig) -> list[MoHDBra
             else:
                 setattr(holder, attr, old)
         raise
+    for b in plan.branches:   # once every swap is made: CPU reader weights stored group-contiguous
+        for name in b.readers:
+            lay_out_reader_weight(model.get_submodule(name).original)
     return made
 
 
@@ -93,6 +97,7 @@ def remove_mohd(model: nn.Module) -> None:
             original = module.original
             original.weight = module.weight
             original.bias = module.bias
+            restore_row_major(original)   # undo lay_out_reader_weight (codegen/cpu/layout.py)
             setattr(holder, attr, original)
     for name, module in list(model.named_modules()):
         if isinstance(module, MoHDBranch):

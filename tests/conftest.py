@@ -57,17 +57,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-# Test modules that run the Triton kernels on CPU tensors through the interpreter. With
-# MOHDIFY_TEST_CUDA=1 (a GPU run, interpreter off) they cannot run and are skipped, so that
-# `MOHDIFY_TEST_CUDA=1 pytest tests/codegen` runs the CUDA tests alone.
-INTERPRETER_ONLY = {"test_read_kernel.py", "test_write_kernel.py", "test_benchmarks.py", "test_kernel_errors.py",
-                    "test_read_multi.py"}
-
-
 def pytest_collection_modifyitems(config, items):
+    """Tests marked `interpreter` run Triton kernels on CPU tensors: they need TRITON_INTERPRET=1 and
+    are skipped in a GPU run (MOHDIFY_TEST_CUDA=1, interpreter off), so that
+    `MOHDIFY_TEST_CUDA=1 pytest tests/codegen` runs the CUDA tests alone."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return
     skip = pytest.mark.skip(reason="runs Triton on CPU tensors; needs TRITON_INTERPRET=1 (unset MOHDIFY_TEST_CUDA)")
     for item in items:
-        if item.path.name in INTERPRETER_ONLY:
+        if item.get_closest_marker("interpreter"):
             item.add_marker(skip)

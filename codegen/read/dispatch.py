@@ -2,39 +2,34 @@
 
 The backward is its own custom op so that torch.compile / AOT autograd can trace the registered
 autograd formula (a Triton launcher cannot take fake tensors): on CPU it runs the reference
-`read_backward_naive`, on CUDA the launchers. The CPU path stays the reference. On CUDA, inputs
-the kernels cannot take (e.g. a group size that is not a multiple of 16) run the reference with a
-warning that says why, rather than failing inside a model.
+`read_backward_naive`, on CUDA the launchers. Inputs the kernels cannot take run the reference
+with a warning (codegen/fallback.py). The CPU forward kernel is codegen/cpu/read.py.
 """
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..fallback import kernel_or_reference
 from .naive import read_backward_naive, read_naive
 
 
-def _unsupported(x, weight, bias, mask, alpha) -> Optional[str]:
+def _check(x, weight, bias, mask, alpha) -> None:
     from .launch import check_read_inputs
 
-    try:
-        check_read_inputs(x, weight, bias, mask, alpha)
-    except ValueError as err:
-        return str(err)
-    return None
+    check_read_inputs(x, weight, bias, mask, alpha)
 
 
 def read_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, alpha: Optional[Tensor]) -> Tensor:
     """CUDA kernel of `mohdify::read`: the fused Triton reader."""
-    reason = _unsupported(x, weight, bias, mask, alpha)
-    if reason is not None:
-        warnings.warn(f"mohdify::read on CUDA runs the reference path: {reason}", stacklevel=2)
-        return read_naive(x, weight, bias, mask, alpha)
-    from .launch import read_triton
+    def kernel():
+        from .launch import read_triton
 
-    return read_triton(x, weight, bias, mask, alpha)
+        return read_triton(x, weight, bias, mask, alpha)
+
+    return kernel_or_reference("mohdify::read", lambda: _check(x, weight, bias, mask, alpha), kernel,
+                               lambda: read_naive(x, weight, bias, mask, alpha))
 
 
 def _pack(grads, has_bias: bool, has_alpha: bool, x: Tensor):
@@ -53,14 +48,13 @@ def read_backward_op(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, ma
 
 @read_backward_op.register_kernel("cuda")
 def _read_backward_cuda(grad, x, weight, has_bias, mask, alpha):
-    reason = _unsupported(x, weight, None, mask, alpha)
-    if reason is not None:
-        warnings.warn(f"mohdify::read_backward on CUDA runs the reference path: {reason}", stacklevel=2)
-        grads = read_backward_naive(grad, x, weight, has_bias, mask, alpha)
-    else:
-        from .launch import read_backward_triton
+    def kernel():
+        from .backward import read_backward_triton
 
-        grads = read_backward_triton(grad, x, weight, has_bias, mask, alpha)
+        return read_backward_triton(grad, x, weight, has_bias, mask, alpha)
+
+    grads = kernel_or_reference("mohdify::read_backward", lambda: _check(x, weight, None, mask, alpha), kernel,
+                                lambda: read_backward_naive(grad, x, weight, has_bias, mask, alpha))
     return _pack(grads, has_bias, alpha is not None, x)
 
 

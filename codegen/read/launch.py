@@ -14,11 +14,22 @@ import torch
 import triton
 from torch import Tensor
 
-from .._utils import (KernelConfig, check_device, check_float, check_group_size, check_same_device, check_shape,
-                      divisor_block, ieee_for, require, split_for, upcast_for)
+from ..launch_common import (
+    KernelConfig,
+    check_device,
+    check_float,
+    check_group_size,
+    check_same_device,
+    check_shape,
+    divisor_block,
+    ieee_for,
+    require,
+    split_for,
+    upcast_for,
+)
 from .kernel import read_kernel, read_multi_kernel
 
-__all__ = ["read_triton", "read_multi_triton", "read_backward_triton", "check_read_inputs", "default_read_config",
+__all__ = ["read_triton", "read_multi_triton", "check_read_inputs", "default_read_config",
            "MAX_WEIGHTS_PER_LAUNCH"]
 
 
@@ -162,32 +173,3 @@ def read_multi_triton(x: Tensor, weights: list[Tensor], biases: list[Optional[Te
         )
         outs += [y.to(x.dtype) for y in ys] if split > 1 else ys
     return outs
-
-
-def read_backward_triton(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mask: Tensor,
-                         alpha: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Gradients of the reader w.r.t. (x, weight, bias, alpha), as `read_backward_naive`.
-
-    grad_x only has the columns of a token's active groups: it is the writer's gathered-row
-    pattern on W.T with per-group gates alpha_t * mask, so it runs on the writer kernel and skips
-    groups inactive for a whole token tile. grad_alpha needs W[:, A] x[A] again: the reader kernel
-    recomputes it. grad_w (a dense [O, D] result) and grad_b stay cuBLAS / torch reductions.
-    """
-    from ..write.launch import write_triton   # the two launchers use each other's kernels
-
-    group_size = check_read_inputs(x, weight, None, mask, alpha)
-    num_tokens, num_groups = mask.shape
-    check_shape("grad", grad, (num_tokens, weight.shape[0]))
-    scale = mask.to(torch.float32)                                            # [T, N]
-    grad_alpha = None
-    grad_scaled = grad                                                        # [T, O]
-    if alpha is not None:
-        plain = read_triton(x, weight, None, mask, None)                      # [T, O] = W[:, A] x[A]
-        grad_alpha = (grad.float() * plain.float()).sum(-1).to(alpha.dtype)   # [T]
-        scale = scale * alpha.float()[:, None]                                # [T, N]
-        grad_scaled = grad * alpha[:, None].to(grad.dtype)                    # [T, O]
-    grad_x = write_triton(grad, weight.t(), None, scale, None)                # [T, D]
-    xm = x * mask.repeat_interleave(group_size, dim=1).to(x.dtype)            # [T, D]
-    grad_w = grad_scaled.t() @ xm                                             # [O, D]
-    grad_b = grad.sum(0) if has_bias else None                                # [O]
-    return grad_x, grad_w, grad_b, grad_alpha

@@ -1,21 +1,23 @@
 """`mohdify::read_multi`: all readers of one branch input (q|k|v, gate|up) as one op.
 
-The torch.compile backend's fusion pass (mohdify.passes.fuse) puts it where several
-`mohdify::read` calls share x, mask and alpha. On CPU it is the per-weight reference in a loop
-(the numbers of the separate reads, bit for bit); on CUDA one Triton launch per 4 weights
-(`read_multi_triton`). The backward is the reader's, per weight (`mohdify::read_backward`), with
-the gradients of x and alpha summed over the weights. Biases get gradients when every weight has
-one or none has (torch.library differentiates a list only when all its entries are tensors).
+The torch.compile backend's fusion pass (passes/fuse.py) puts it where several
+`mohdify::read` calls share x, mask and alpha. On CPU it is the CPU reader kernel per weight with
+the routing read once (`codegen/cpu/read.py`: the numbers of the separate reads, bit for bit); on
+CUDA one Triton launch per 4 weights (`read_multi_triton`). The backward is the reader's, per
+weight (`mohdify::read_backward`), with the gradients of x and alpha summed over the weights.
+Biases get gradients when every weight has one or none has (torch.library differentiates a list
+only when all its entries are tensors).
 
 Shape legend: T = tokens, D = in_features, O_i = out_features of weight i, N = groups.
 """
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..cpu.read import read_multi_cpu
+from ..fallback import kernel_or_reference
 from .dispatch import read_backward
 from .naive import read_naive
 
@@ -53,13 +55,13 @@ def _read_multi_cuda(x, weights, biases, mask, alpha):
     from .launch import check_read_inputs, read_multi_triton
 
     _check_lists(weights, biases)
-    try:
+
+    def check():
         for w, b in zip(weights, biases):
             check_read_inputs(x, w, b, mask, alpha)
-    except ValueError as err:
-        warnings.warn(f"mohdify::read_multi on CUDA runs the reference path: {err}", stacklevel=2)
-        return read_multi_naive(x, weights, biases, mask, alpha)
-    return read_multi_triton(x, weights, biases, mask, alpha)
+
+    return kernel_or_reference("mohdify::read_multi", check, lambda: read_multi_triton(x, weights, biases, mask, alpha),
+                               lambda: read_multi_naive(x, weights, biases, mask, alpha))
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,3 +97,4 @@ def _backward(ctx, grads):
 
 
 read_multi.register_autograd(_backward, setup_context=_setup_context)
+read_multi.register_kernel("cpu")(read_multi_cpu)

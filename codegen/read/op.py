@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..cpu.read import read_cpu
 from .dispatch import read_backward, read_cuda
 from .naive import read_naive
 
@@ -36,5 +37,7 @@ def _backward(ctx, grad):
 
 
 read.register_autograd(_backward, setup_context=_setup_context)
-# CUDA runs the fused Triton reader (codegen/read/kernel.py); CPU keeps the reference above.
+# CUDA runs the fused Triton reader (codegen/read/kernel.py), CPU the kernel over contiguous active
+# weight blocks (codegen/cpu/read.py); the reference above is the ground truth in tests.
 read.register_kernel("cuda")(read_cuda)
+read.register_kernel("cpu")(read_cpu)

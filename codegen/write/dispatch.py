@@ -1,38 +1,35 @@
 """CUDA side of `mohdify::write`: the fused Triton forward, and `mohdify::write_backward`.
 
 As for the reader: the backward is a custom op (traceable by AOT autograd) whose CPU kernel is the
-reference `write_backward_naive` and whose CUDA kernel uses the launchers. On CUDA, inputs the
-kernels cannot take run the reference with a warning that says why.
+reference `write_backward_naive` and whose CUDA kernel uses the launchers. Inputs the kernels
+cannot take run the reference with a warning (codegen/fallback.py). The CPU forward kernel is
+codegen/cpu/write.py.
 """
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..fallback import kernel_or_reference
 from .naive import write_backward_naive, write_naive
 
 
-def _unsupported(u, weight, bias, gates, fusion) -> Optional[str]:
+def _check(u, weight, bias, gates, fusion) -> None:
     from .launch import check_write_inputs
 
-    try:
-        check_write_inputs(u, weight, bias, gates, fusion)
-    except ValueError as err:
-        return str(err)
-    return None
+    check_write_inputs(u, weight, bias, gates, fusion)
 
 
 def write_cuda(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor]) -> Tensor:
     """CUDA kernel of `mohdify::write`: the fused Triton writer."""
-    reason = _unsupported(u, weight, bias, gates, fusion)
-    if reason is not None:
-        warnings.warn(f"mohdify::write on CUDA runs the reference path: {reason}", stacklevel=2)
-        return write_naive(u, weight, bias, gates, fusion)
-    from .launch import write_triton
+    def kernel():
+        from .launch import write_triton
 
-    return write_triton(u, weight, bias, gates, fusion)
+        return write_triton(u, weight, bias, gates, fusion)
+
+    return kernel_or_reference("mohdify::write", lambda: _check(u, weight, bias, gates, fusion), kernel,
+                               lambda: write_naive(u, weight, bias, gates, fusion))
 
 
 def _pack(grads, u: Tensor):
@@ -51,13 +48,13 @@ def write_backward_op(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[Te
 
 @write_backward_op.register_kernel("cuda")
 def _write_backward_cuda(grad, u, weight, bias, gates, fusion):
-    reason = _unsupported(u, weight, bias, gates, fusion)
-    if reason is not None:
-        warnings.warn(f"mohdify::write_backward on CUDA runs the reference path: {reason}", stacklevel=2)
-        return _pack(write_backward_naive(grad, u, weight, bias, gates, fusion), u)
-    from .launch import write_backward_triton
+    def kernel():
+        from .backward import write_backward_triton
 
-    return _pack(write_backward_triton(grad, u, weight, bias, gates, fusion), u)
+        return write_backward_triton(grad, u, weight, bias, gates, fusion)
+
+    return _pack(kernel_or_reference("mohdify::write_backward", lambda: _check(u, weight, bias, gates, fusion),
+                                     kernel, lambda: write_backward_naive(grad, u, weight, bias, gates, fusion)), u)
 
 
 @write_backward_op.register_fake

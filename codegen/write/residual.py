@@ -1,20 +1,22 @@
 """`mohdify::write_add`: the MoHD writer with the residual add fused, h + write(u, ...).
 
-The torch.compile backend's fusion pass (mohdify.passes.fuse) puts it where a `mohdify::write`
-result reaches nothing but the residual add. On CPU it is `write_naive(...) + residual` (the
-numbers of the separate write and add, bit for bit); on CUDA `write_triton(..., residual=...)`,
+The torch.compile backend's fusion pass (passes/fuse.py) puts it where a `mohdify::write`
+result reaches nothing but the residual add. On CPU it is the CPU writer kernel plus the residual
+(`codegen/cpu/write.py`: the numbers of the separate write and add, bit for bit); on CUDA
+`write_triton(..., residual=...)`,
 which adds the residual in the writer's (or the mixing kernel's) epilogue. The backward is the
 writer's (`mohdify::write_backward`); the residual's gradient is the incoming gradient.
 
 Shape legend: T = tokens, I = in_features, D = out_features, N = groups.
 """
 
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ..cpu.write import write_add_cpu
+from ..fallback import kernel_or_reference
 from .dispatch import write_backward
 from .naive import write_naive
 
@@ -43,14 +45,15 @@ def _write_add_fake(u, weight, bias, gates, fusion, residual):
 def _write_add_cuda(u, weight, bias, gates, fusion, residual):
     from .launch import check_write_inputs, write_triton
 
-    try:
+    def check():
         check_write_inputs(u, weight, bias, gates, fusion, residual)
         if residual.dtype != u.dtype:
-            raise ValueError(f"residual has dtype {residual.dtype}, but u has {u.dtype}: the fused add needs them equal")
-    except ValueError as err:
-        warnings.warn(f"mohdify::write_add on CUDA runs the reference path: {err}", stacklevel=2)
-        return write_add_naive(u, weight, bias, gates, fusion, residual)
-    return write_triton(u, weight, bias, gates, fusion, residual=residual)
+            raise ValueError(f"residual has dtype {residual.dtype}, but u has {u.dtype}: the fused add needs them "
+                             "equal")
+
+    return kernel_or_reference("mohdify::write_add", check,
+                               lambda: write_triton(u, weight, bias, gates, fusion, residual=residual),
+                               lambda: write_add_naive(u, weight, bias, gates, fusion, residual))
 
 
 def _setup_context(ctx, inputs, output):
@@ -71,3 +74,4 @@ def _backward(ctx, grad):
 
 
 write_add.register_autograd(_backward, setup_context=_setup_context)
+write_add.register_kernel("cpu")(write_add_cpu)

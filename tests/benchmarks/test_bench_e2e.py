@@ -153,3 +153,23 @@ def test_mohd_config_at_a_density_and_bad_densities():
     assert active_width(4096, 0.25, 16) == 1024 and active_width(2048, 0.5, 16) == 1024
     with pytest.raises(ValueError, match=r"density 0\.3 is not a whole number of active groups out of 16"):
         active_width(2048, 0.3, 16)
+
+
+def test_cpu_benchmarks_smoke_write_their_json(tmp_path):
+    """The CPU benchmarks (bench_cpu_ops.py, bench_cpu_e2e.py) run in --smoke mode and record every
+    provider's ratio; the e2e MoHD model decodes finite tokens. Plumbing only: no speed is asserted."""
+    import bench_cpu_e2e
+    import bench_cpu_ops
+
+    assert bench_cpu_ops.main(["--smoke", "--dtypes", "float32", "--tokens", "1,33", "--deltas", "0.5",
+                               "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "cpu_ops.json").read_text())["results"]
+    assert [(r["kind"], r["tokens"]) for r in rows] == [("read", 1), ("read", 33), ("write", 1), ("write", 33)]
+    assert all(r["kernel"] > 0 and r["ideal"] > 0 and r["ref"] > 0 for r in rows)
+    assert rows[0]["path"] == "decode" and rows[0]["target"] == 1.7
+    assert bench_cpu_e2e.main(["--smoke", "--no-compile", "--out", str(tmp_path)]) == 0
+    e2e = json.loads((tmp_path / "cpu_e2e_smoke.json").read_text())
+    names = [r["provider"] for r in e2e["rows"]]
+    assert names == ["dense_eager", "ideal_eager", "mohd_eager", "peak_rss_so_far"], names
+    mohd = e2e["rows"][2]
+    assert mohd["tok_per_s"] > 0 and "prefill_vs_dense" in mohd and len(mohd["tokens"]) > 1

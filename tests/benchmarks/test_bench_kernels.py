@@ -5,10 +5,14 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import run_all  # noqa: E402
+
+pytestmark = pytest.mark.interpreter   # Triton kernels on CPU tensors: TRITON_INTERPRET=1
 
 
 def test_dry_run_lists_the_issue_cases(capsys):

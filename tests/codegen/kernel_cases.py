@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from conftest import TOLERANCES, assert_close
 from hypothesis import note
 from hypothesis import strategies as st
 
-from conftest import TOLERANCES, assert_close
-from mohdify.codegen._utils import KernelConfig
+from mohdify.codegen.launch_common import KernelConfig
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GROUP_SIZES = [16, 32, 64]

@@ -1,5 +1,6 @@
-"""How the custom ops reach the kernels: CPU keeps the reference (bit for bit, forward and backward,
-through the backward custom ops), the ops pass opcheck, and on CUDA they run the Triton kernels.
+"""How the custom ops reach the kernels: on CPU the forward runs the CPU kernels (codegen/cpu) and the
+backward the reference (bit for bit, through the backward custom ops), the ops pass opcheck, and on
+CUDA they run the Triton kernels.
 
 The CUDA tests need a real GPU with the interpreter off (`MOHDIFY_TEST_CUDA=1 pytest tests/codegen`);
 elsewhere they skip."""
@@ -8,11 +9,11 @@ import math
 
 import pytest
 import torch
-
-import mohdify.codegen  # noqa: F401  (registers torch.ops.mohdify.*)
 from conftest import TOLERANCES
 from kernel_cases import check, f64
-from mohdify.codegen._utils import interpreting
+
+import mohdify.codegen  # noqa: F401  (registers torch.ops.mohdify.*)
+from mohdify.codegen.launch_common import interpreting
 from mohdify.codegen.read.naive import read_backward_naive, read_naive
 from mohdify.codegen.write.naive import write_backward_naive, write_naive
 
@@ -41,10 +42,16 @@ def writer_inputs(tokens, dim, groups, inner, dtype, device, grad=False, seed=0)
     return [t.to(device=device, dtype=dtype).requires_grad_(grad) for t in (u, w, b, gates, fusion)]
 
 
-def test_cpu_ops_are_the_reference_bit_for_bit():
+def test_cpu_ops_run_the_cpu_kernels_and_the_reference_backward():
+    from mohdify.codegen.cpu.read import read_cpu
+    from mohdify.codegen.cpu.write import write_cpu
+
     x, w, b, mask, alpha = reader_inputs(5, 64, 4, 24, torch.float32, "cpu", grad=True)
     y = torch.ops.mohdify.read(x, w, b, mask, alpha)
-    assert torch.equal(y, read_naive(x, w, b, mask, alpha)), "CPU mohdify::read must be read_naive"
+    assert torch.equal(y, read_cpu(x.detach(), w.detach(), b.detach(), mask, alpha.detach())), \
+        "CPU mohdify::read must run read_cpu"
+    check(y, read_naive(*(f64(t) if t.is_floating_point() else t for t in (x, w, b, mask, alpha))),
+          None, "CPU read vs reference", torch.float32)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, w, b, alpha), grad)
     want = read_backward_naive(grad, x.detach(), w.detach(), True, mask, alpha.detach())
@@ -52,7 +59,9 @@ def test_cpu_ops_are_the_reference_bit_for_bit():
         assert torch.equal(g, r), f"CPU read grad_{name} must be read_backward_naive's"
     u, w, b, gates, fusion = writer_inputs(5, 64, 4, 24, torch.float32, "cpu", grad=True)
     o = torch.ops.mohdify.write(u, w, b, gates, fusion)
-    assert torch.equal(o, write_naive(u, w, b, gates, fusion)), "CPU mohdify::write must be write_naive"
+    assert torch.equal(o, write_cpu(*(t.detach() for t in (u, w, b, gates, fusion)))), \
+        "CPU mohdify::write must run write_cpu"
+    check(o, write_naive(*(f64(t) for t in (u, w, b, gates, fusion))), None, "CPU write vs reference", torch.float32)
     grad = torch.randn_like(o)
     got = torch.autograd.grad(o, (u, w, b, gates, fusion), grad)
     want = write_backward_naive(grad, *(t.detach() for t in (u, w, b, gates, fusion)))
@@ -76,12 +85,14 @@ def test_ops_pass_opcheck_with_the_backward_ops():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens, groups, group_size", [(1, 16, 256), (7, 8, 16), (300, 16, 64), (33, 4, 512)])
 def test_cuda_ops_run_triton_and_match_reference(dtype, tokens, groups, group_size, monkeypatch):
+    from mohdify.codegen.read import backward as read_backward
     from mohdify.codegen.read import launch as read_launch
+    from mohdify.codegen.write import backward as write_backward
     from mohdify.codegen.write import launch as write_launch
 
     calls = []
     for module, name in ((read_launch, "read_triton"), (write_launch, "write_triton"),
-                         (read_launch, "read_backward_triton"), (write_launch, "write_backward_triton")):
+                         (read_backward, "read_backward_triton"), (write_backward, "write_backward_triton")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     dim = groups * group_size

