@@ -79,7 +79,7 @@ class DeepNorm(nn.Module):
 
 
 class AddForms(nn.Module):
-    """Residual adds written h.add(f), h.add_(f, alpha=...), torch.add and +=."""
+    """Residual adds written h.add(f), h.add_(f, alpha=...) and torch.add."""
 
     def __init__(self):
         super().__init__()
@@ -89,9 +89,17 @@ class AddForms(nn.Module):
         x = x.add(self.attn(self.n(x)))
         y = x.clone()
         y.add_(self.mlp(self.n2(x)), alpha=0.5)
-        z = torch.add(y, self.attn(self.n(y)))
-        z += self.mlp(self.n2(z))
-        return z
+        return torch.add(y, self.attn(self.n(y)))
+
+
+class IAdd(AddForms):
+    """Residual adds written +=."""
+
+    def forward(self, x):
+        x = x.clone()
+        x += self.attn(self.n(x))
+        x += self.mlp(self.n2(x))
+        return x
 
 
 class CastStream(nn.Module):

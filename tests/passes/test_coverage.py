@@ -1,7 +1,8 @@
 """Issue 7: every residual branch of a Transformer-shaped model is found, or a true reason is given.
 
 Each test is one case of the issue, on the smallest model that showed it (tests/coverage_models.py);
-each failed before the fix. Checks go through the public API: plan.branches (exact readers and
+each failed before the fix (on 4708b48: 40 of 44), except the controls that already worked there
+(`a + m + x`, `+=`). Checks go through the public API: plan.branches (exact readers and
 writer), plan.skipped (exact reasons), dense equivalence at delta = 1, demohdify.
 """
 
@@ -22,6 +23,7 @@ from coverage_models import (
     BreakNet,
     CastStream,
     DeepNorm,
+    IAdd,
     LoopBreakBlock,
     Net,
     Parallel,
@@ -97,7 +99,8 @@ def test_cohere_parallel_block_finds_the_mlp():
     assert dict(plan.skipped) == {"lm_head": HEAD}
 
 
-@pytest.mark.parametrize("model_cls", [DeepNorm, AddForms, CastStream], ids=["deepnorm", "add-forms", "cast-stream"])
+@pytest.mark.parametrize("model_cls", [DeepNorm, AddForms, IAdd, CastStream],
+                         ids=["deepnorm", "add-forms", "iadd", "cast-stream"])
 def test_stream_scaled_cast_or_added_in_place(model_cls, frontend):
     """Case 8: DeepNorm's alpha * h, residual.to(float32), h.add(f) / h.add_(f, alpha) / torch.add."""
     torch.manual_seed(0)
