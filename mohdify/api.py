@@ -14,7 +14,7 @@ from mohdify.passes import apply_plan, find_plan, is_mohdified, mohd_branches, r
 from mohdify.passes.capture import normalize_inputs
 
 from .config import MoHDConfig
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError, MohdifyError, UnsupportedModelError
 from .modules import MoHDWriter
 from .plan import Plan, untrained_router_note
 from .routing import Routing
@@ -69,7 +69,11 @@ def _plan(model: nn.Module, example_inputs: Any, config: MoHDConfig, filter_fn, 
             f"{called}() got a model that is already mohdified ({type(model).__name__} has "
             f"{len(mohd_branches(model))} MoHD branches); {called}() needs the dense model: call "
             "mohdify.demohdify(model) first.")
-    return find_plan(model, example_inputs, config, filter_fn)
+    try:
+        return find_plan(model, example_inputs, config, filter_fn)
+    except MohdifyError as e:   # say which function the user called; keep the type and the traceback
+        e.args = (f"{called}(): {e}", *e.args[1:])
+        raise
 
 
 def warn_untrained_router(config: MoHDConfig, called: str) -> None:

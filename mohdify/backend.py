@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import fx
@@ -95,7 +96,7 @@ def backend_config(options: Optional[dict] = None) -> tuple[MoHDConfig, str]:
     return config, compiler
 
 
-@functools.lru_cache(maxsize=None)   # once per process and setting, not once per graph
+@functools.cache   # once per process and setting, not once per graph
 def _warn_defaults(num_groups: int, num_shared: int, top_k: int, scaling: str) -> None:
     density = (num_shared + top_k) / num_groups
     log.warning(

@@ -93,9 +93,10 @@ class Plan:
 
     def __str__(self) -> str:
         c = self.config
+        group = self.hidden_size // c.num_groups if self.hidden_size % c.num_groups == 0 else "?"
         head = (f"MoHD plan for {self.model_name or 'model'}: hidden size D={self.hidden_size}, "
                 f"{len(self.branches)} branches, captured with {self.frontend}\n"
-                f"config: groups={c.num_groups} (G={self.hidden_size // c.num_groups if self.hidden_size % c.num_groups == 0 else '?'}), "
+                f"config: groups={c.num_groups} (G={group}), "
                 f"shared={c.num_shared}, top_k={c.top_k}, density={c.density:.3f}, router={c.router}, "
                 f"scaling={c.scaling}, fusion={c.fusion}\n")
         rows = [("branch", "readers", "writer", "input", "params", "active", "FLOPs/tok", "active FLOPs/tok")]

@@ -49,15 +49,32 @@ import heapq
 import itertools
 import operator
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from torch import fx
 
 from .capture import _join, module_path, node_value
-from .graphview import (ADD_TARGETS, LINEAR_TARGETS, PASS_FUNCTIONS, PASS_METHODS, GraphView, canonical, cls_name,
-                        innermost_module, is_add, is_alias, is_div, is_mul, is_shape_only, is_sub, last_dim, numel,
-                        op_name)
+from .graphview import (
+    ADD_TARGETS,
+    LINEAR_TARGETS,
+    PASS_FUNCTIONS,
+    PASS_METHODS,
+    GraphView,
+    canonical,
+    cls_name,
+    innermost_module,
+    is_add,
+    is_alias,
+    is_div,
+    is_mul,
+    is_shape_only,
+    is_sub,
+    last_dim,
+    numel,
+    op_name,
+)
 
 __all__ = ["LinearRef", "BranchMatch", "GraphAnalysis", "analyze_graph", "LINEAR_TARGETS", "ADD_TARGETS",
            "innermost_module", "canonical"]
@@ -99,6 +116,9 @@ class GraphAnalysis:
     linears: list[LinearRef]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     view: Optional[GraphView] = None
+    blocked: list[LinearRef] = field(default_factory=list)   # writers whose output reaches the sum through
+                                                              # an op that does not keep zeros
+    dense_sums: list[fx.Node] = field(default_factory=list)   # residual sums with a term from no writer (MoE)
 
 
 def _through_copies(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
@@ -128,7 +148,8 @@ def sum_terms(view: GraphView, root: fx.Node) -> list[fx.Node]:
         while inner is not root and is_alias(inner) and len(view.users(inner)) == 1 and \
                 isinstance(view.arg(inner, 0), fx.Node) and numel(view.arg(inner, 0)) == numel(inner):
             inner = view.arg(inner, 0)   # a single-use copy of an inner add
-        if is_add(inner) and (inner is root or (_through_copies(view, inner) is not None and numel(inner) == numel(root))):
+        single = _through_copies(view, inner) is not None and numel(inner) == numel(root)
+        if is_add(inner) and (inner is root or single):
             todo.extend(reversed(view.add_operands(inner)))
         else:
             out.append(n)
@@ -147,8 +168,8 @@ def _stream_parent(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
         for x, other in zip(candidates, [b, a]):
             if not isinstance(x, fx.Node) or numel(x) != numel(n):
                 continue
-            if not isinstance(other, fx.Node) or (numel(other) or 0) <= (last_dim(n) or 0):
-                return x
+            if not isinstance(other, fx.Node) or (numel(other) or 0) <= (last_dim(n) or 0) or last_dim(other) == 1:
+                return x   # times a scalar, a vector or a per-token [.., 1] scale
     return None
 
 
@@ -300,6 +321,7 @@ def analyze_graph(graph: fx.Graph, resolve: Callable[[fx.Node], Optional[LinearR
         analysis.branches.append(BranchMatch(lin, readers, add, stream, desc))
     for lin, add in blocked:
         if lin.out_features == hidden:
+            analysis.blocked.append(lin)
             analysis.skipped.append((lin.fqn, f"its output reaches the residual add only through "
                                      f"{_blocking_op(view, lin, add, prefix)}, which does not keep zeros "
                                      "(e.g. a LayerNorm subtracts the mean), so it is not a MoHD writer; left dense"))
@@ -319,6 +341,8 @@ def _split(update: fx.Node, view: GraphView) -> list[fx.Node]:
             todo.extend(view.inputs(n))
         elif is_shape_only(n):
             todo.extend(view.inputs(n)[:1])
+        elif (scaled := _stream_parent(view, n)) is not None:   # a LayerScale, a router weight
+            todo.append(scaled)
         else:
             out.append(n)
     return out
@@ -333,23 +357,48 @@ def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefi
               and _sum_root(view, n) is n]
     for root in roots:
         terms = sum_terms(view, root)
-        streams = {t: h for t in terms
-                   if (h := stream_source(view, t, lambda s: (s in known or canonical(s) in known)
-                                          and numel(s) == numel(root))) is not None}
+        size = numel(root)
+
+        def on_stream(s: fx.Node, size: Optional[int] = size) -> bool:
+            return (s in known or canonical(s) in known) and numel(s) == size
+        streams = {t: h for t in terms if (h := stream_source(view, t, on_stream)) is not None}
+        if not streams and len(terms) > 1:   # a stream no branch has read yet (post-norm, before an MoE)
+            for t in terms:
+                others = [o for o in terms if o is not t]
+
+                def feeds_all(s: fx.Node, size: Optional[int] = size, others=others) -> bool:
+                    return numel(s) == size and all(s in view.ancestors(o) for o in others)
+                if (h := stream_source(view, t, feeds_all)) is not None:
+                    streams = {t: h}
+                    break
         if not streams or len(streams) == len(terms):
             continue
         h = next(iter(streams.values()))
+        sources = _stream_chain(view, h)
         writers = owns.get(root, [])
         covered = set().union(*(own for _, own in writers)) if writers else set()
         for term in (t for t in terms if t not in streams):
             for part in _split(term, view):
-                if part in covered or h not in view.ancestors(part):
+                if part in covered or not sources & view.ancestors(part) or \
+                        any(b.node in view.ancestors(part) for b in analysis.blocked):   # reported with its writer
                     continue
                 owner, cls = _term_owner(part, h, [w.fqn for w, _ in writers], prefix)
+                analysis.dense_sums.append(root)
                 analysis.skipped.append((owner or part.name, (
                     f"residual branch ({cls or 'unknown module'}) whose output does not come from a linear writer "
                     "(e.g. MoE experts, which hold stacked expert weights and see only the tokens routed to them); "
                     "left dense")))
+
+
+def _stream_chain(view: GraphView, h: fx.Node, limit: int = 8) -> set:
+    """h and the nodes it carries the value of (through copies, casts and scales; their canonical forms)."""
+    out, node = set(), h
+    for _ in range(limit):
+        if node is None:
+            break
+        out |= {node, canonical(node)}
+        node = _stream_parent(view, node)
+    return out
 
 
 def _term_owner(term: fx.Node, h: fx.Node, writers: list[str], prefix: str) -> tuple[str, str]:

@@ -359,9 +359,10 @@ def _capture(model, args, kwargs, called, example_inputs) -> Capture:
             return Capture(graphs, "dynamo", failures)
         blocks = _blocks_that_see(model, args, kwargs, unseen)
         if blocks is not None:
-            names = ", ".join(n or type(model).__name__ for n, _, _ in unseen)
+            inside = [f for f in unseen if _inside(f[0], blocks)]
+            names = ", ".join(n for n, _, _ in inside)
             failures.append(("dynamo", f"skipped the frame of {names} ({why}); the blocks are exported one by one"))
-            return Capture(blocks, blocks[0].frontend, failures)
+            return Capture(blocks, blocks[0].frontend, failures, [f for f in unseen if f not in inside])
         return Capture(graphs, "dynamo", failures, unseen)
     except Exception as e:  # noqa: BLE001
         failures.append(("dynamo", _why(e)))
@@ -380,15 +381,22 @@ def _capture(model, args, kwargs, called, example_inputs) -> Capture:
 
 
 def _blocks_that_see(model, args, kwargs, unseen) -> Optional[list[CapturedGraph]]:
-    """Per-block export graphs if every frame dynamo did not see is inside one exported block."""
+    """Per-block export graphs if they show frames dynamo did not see: each unseen frame is inside an
+    exported block, or above the blocks (it calls them; its own code stays unseen either way)."""
     try:
         graphs = _export_blocks(model, args, kwargs)
     except Exception:  # noqa: BLE001 - this fallback is optional; dynamo's graphs are kept with a reason
         return None
     prefixes = [g.prefix for g in graphs]
-    if all(any(n == p or n.startswith(p + ".") for p in prefixes) for n, _, _ in unseen):
+    above = [n for n, _, _ in unseen if any(not n or p.startswith(n + ".") for p in prefixes)]
+    inside = [n for n, _, _ in unseen if _inside(n, graphs)]
+    if inside and len(inside) + len(above) == len(unseen):   # the blocks show more than dynamo did
         return graphs
     return None
+
+
+def _inside(name: str, graphs: list[CapturedGraph]) -> bool:
+    return any(name == g.prefix or name.startswith(g.prefix + ".") for g in graphs)
 
 
 def _why(e: BaseException) -> str:

@@ -10,7 +10,8 @@ activations by its own parameter without being a linear layer (MoE routers, stac
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from torch import fx, nn
 
@@ -19,8 +20,8 @@ from mohdify.errors import UnsupportedModelError
 from mohdify.plan import Branch, Plan
 
 from .analyze import GraphAnalysis, analyze_graph
-from .graphview import LINEAR_TARGETS, innermost_module
 from .capture import capture
+from .graphview import LINEAR_TARGETS, innermost_module
 from .resolve import is_linear_layer, linear_features, module_resolver, weight_source
 
 __all__ = ["is_linear_layer", "linear_features", "find_plan", "module_resolver", "NOT_CAPTURED"]
@@ -68,7 +69,7 @@ def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
     """Why each linear layer of a graph that is not a reader or writer stays dense."""
     used = {r.fqn for b in analysis.branches for r in b.readers} | {b.writer.fqn for b in analysis.branches}
     writers = {b.writer.node for b in analysis.branches}
-    adds = {b.add for b in analysis.branches}
+    adds = {b.add for b in analysis.branches} | set(analysis.dense_sums)
     linear_nodes = {lin.node for lin in analysis.linears}
     hidden = analysis.hidden_size
     reasons = {}
@@ -79,8 +80,14 @@ def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
             reasons[lin.fqn] = (f"inner layer (in_features={lin.in_features}, out_features={lin.out_features}, "
                                 f"hidden size {hidden}): neither a reader nor a writer")
             continue
-        reached = _reach(analysis.view, lin.node, linear_nodes, writers | adds)
-        if reached & writers:
+        blocked = {b.node: b.fqn for b in analysis.blocked}
+        reached = _reach(analysis.view, lin.node, linear_nodes, writers | adds | set(blocked))
+        if reached & set(blocked) and not reached & writers:
+            names = sorted({blocked[n] for n in reached & set(blocked)})
+            reasons[lin.fqn] = (f"reads the input of a residual branch whose writer ({', '.join(names)}) is left "
+                                "dense (its output reaches the residual add through an op that does not keep "
+                                "zeros); left dense")
+        elif reached & writers:
             reasons[lin.fqn] = ("reads a stream other than its branch's input (e.g. cross-attention k/v "
                                 "reading the encoder output); left dense")
         elif reached & adds:
@@ -246,15 +253,20 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
                            "(x @ W, einsum or F.linear on a weight or a slice of it), "
                            "not a linear layer called as a module; left dense")
         return
+    def refuse(why: str, layers=readers) -> None:
+        skipped[writer] = why
+        for r in layers:
+            if r != writer:
+                skipped.setdefault(r, f"reads the input of the branch written by {writer}, which is left dense: {why}")
+
     roles = [r for r in readers if r in branches] + ([writer] if writer in reader_owner else [])
     if roles:
-        skipped[writer] = (f"{roles} would be both a reader and a writer (the layer is used in two places "
-                           "that are not one branch); left dense")
-        return
+        return refuse(f"{roles} would be both a reader and a writer (the layer is used in two places that are not "
+                      "one branch); left dense")
     if writer in branches:
         if branches[writer].readers != readers:
-            skipped[writer] = "called in several places with different readers; left dense"
-            branches.pop(writer)
+            refuse("called in several places with different readers; left dense",
+                   readers + branches.pop(writer).readers)
         return
     if filter_fn is not None:
         if not filter_fn(modules[writer], writer):
@@ -272,8 +284,8 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
         readers = kept
     clash = [r for r in readers if r in reader_owner or r == writer]
     if clash:
-        skipped[writer] = f"shares reader(s) {clash} with another branch; left dense"
-        return
+        return refuse(f"shares reader(s) {clash} with another branch; left dense",
+                      [r for r in readers if r not in clash])
     for r in readers:
         reader_owner[r] = writer
     name = _holder(_common_parent(readers + [writer]), modules)

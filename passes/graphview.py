@@ -59,7 +59,8 @@ PASS_FUNCTIONS = ALIAS_TARGETS | MUL_TARGETS | {
 PASS_METHODS = ALIAS_METHODS | MUL_METHODS | {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
                                               "flatten", "expand", "relu", "tanh", "neg"}
 # Shape-only ops (used to split a residual update into its summands).
-SHAPE_FUNCTIONS = PASS_FUNCTIONS - MUL_TARGETS - {F.rms_norm, torch.rms_norm, aten.rms_norm.default, F.relu, F.gelu, F.silu,
+SHAPE_FUNCTIONS = PASS_FUNCTIONS - MUL_TARGETS - {F.rms_norm, torch.rms_norm, aten.rms_norm.default,
+                                                  F.relu, F.gelu, F.silu,
                                                   torch.relu, torch.tanh, torch.neg, operator.neg}
 SHAPE_METHODS = PASS_METHODS - MUL_METHODS - {"relu", "tanh", "neg"}
 

@@ -8,7 +8,8 @@ the analysis finds too so that the plan can say truly why it stays dense.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,8 @@ _WEIGHT_STEPS = 8   # ops between a parameter and the weight operand: t, transpo
 # Ops that take a view, a slice or a copy of a weight (a stacked weight's select/index included).
 _WEIGHT_VIEWS = {"t", "T", "mT", "numpy_T", "transpose", "permute", "getitem", "select", "slice", "index",
                  "view", "reshape", "_unsafe_view", "contiguous", "to", "_to_copy", "alias", "detach", "clone",
-                 "expand", "unsqueeze", "squeeze", "lift_fresh_copy", "getattr", "type_as"}
+                 "expand", "unsqueeze", "squeeze", "lift_fresh_copy", "getattr", "type_as", "type", "float", "half",
+                 "bfloat16", "double"}
 
 
 def _base_name(n: fx.Node) -> str:

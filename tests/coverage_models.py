@@ -1,4 +1,4 @@
-"""Small models for the cases of issue 7 (tests/test_coverage.py): each is the minimal model that
+"""Small models for the cases of issue 7 (tests/passes/test_coverage.py): each is the minimal model that
 showed one way the analysis missed a branch, found a false one, or gave an untrue reason."""
 
 from __future__ import annotations
@@ -92,6 +92,16 @@ class AddForms(nn.Module):
         return torch.add(y, self.attn(self.n(y)))
 
 
+class IAdd(AddForms):
+    """Residual adds written +=."""
+
+    def forward(self, x):
+        x = x.clone()
+        x += self.attn(self.n(x))
+        x += self.mlp(self.n2(x))
+        return x
+
+
 class CastStream(nn.Module):
     """The residual kept in float32: residual.to(torch.float32) + f (Mamba's residual_in_fp32)."""
 
@@ -178,6 +188,19 @@ class BreakBlock(nn.Module):
         for i in range(2):
             if self.brk and x.abs().amax() > 1e6:
                 x = x / 2
+            x = x + (self.attn(self.n(x)) if i == 0 else self.mlp(self.n2(x)))
+        return x
+
+
+class LoopBreakBlock(BreakBlock):
+    """A block with a graph break in its loop that torch.export does not mind (torch._dynamo.graph_break)."""
+
+    def __init__(self):
+        super().__init__(False)
+
+    def forward(self, x):
+        for i in range(2):
+            torch._dynamo.graph_break()
             x = x + (self.attn(self.n(x)) if i == 0 else self.mlp(self.n2(x)))
         return x
 

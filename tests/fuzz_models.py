@@ -1,6 +1,6 @@
 """Transformer-shaped models built from parts, with their readers and writers known by construction.
 
-A `Spec` (drawn by hypothesis in tests/test_fuzz.py) fixes every choice; `build(spec)` makes the
+A `Spec` (drawn by hypothesis in tests/passes/test_fuzz.py) fixes every choice; `build(spec)` makes the
 model and says what the analysis must find: the exact readers and writer of every branch, the branch
 holder's name, and the distractor layers that must stay dense. Parts:
   norms: LayerNorm, F.rms_norm, Llama-style RMSNorm (x.to(float32) ... .to(dtype)), none;
@@ -8,11 +8,13 @@ holder's name, and the distractor layers that must stay dense. Parts:
     LN(alpha * h + f(h))), sandwich (an RMSNorm on the branch output too);
   attention: separate q/k/v, fused qkv, multi-query (q and a fused kv), with a Linear subclass
     computing `x @ W.T + b` or plain nn.Linear;
-  MLPs: plain (up, act, down), gated (gate, up, down), fused (gate_up), nn.Sequential(Linear, GELU, Linear);
+  MLPs: plain (up, act, down), gated (gate, up, down), fused (gate_up), nn.Sequential(Linear, GELU, Linear),
+    an MoE of stacked (3-D) expert weights with an nn.Linear router (left dense, with reasons);
   residuals: sequential, or parallel (one or two norms) summed in any order, written `+`, `torch.add`,
     `h.add(f)`, or `h.clone().add_(f, alpha=1.0)`; the stream term scaled or cast to float32;
     dropout and a LayerScale on branch outputs;
-  distractors: an output head, a pooler, a probe whose output joins the result, a sigmoid gate on
+  distractors: an output head (tied to the embedding or not), a pooler, a probe whose output joins the
+    result, a sigmoid gate on
     an MLP branch output (reads the branch input, only gates).
 Module names are drawn too. Every linear layer of the model is either a reader, a writer, an inner
 layer (in_features != D) or a distractor.
@@ -33,7 +35,7 @@ VOCAB = 40
 @dataclass(frozen=True)
 class LayerSpec:
     attn: str          # "separate" | "fused" | "mqa"
-    mlp: str           # "plain" | "gated" | "fused" | "sequential"
+    mlp: str           # "plain" | "gated" | "fused" | "sequential" | "moe"
     residual: str      # "sequential" | "parallel1" (one norm) | "parallel2" (two norms)
     order: tuple       # parallel: order of the terms ("x", "a", "m") in the sum
     add: str           # "+" | "torch.add" | "method" | "inplace"
@@ -54,6 +56,7 @@ class Spec:
     names: tuple       # (blocks, attn, mlp) attribute names
     pooler: bool
     probe: bool
+    tied: bool = False   # the head shares the embedding's weight
     seed: int = 0
 
 
@@ -149,6 +152,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(g) * u)
 
 
+class MoE(nn.Module):
+    """Stacked expert weights (3-D parameters) weighted by a softmax router (an nn.Linear), Mixtral-like
+    but dense over experts: no linear writer, so the branch stays dense with a reason."""
+
+    def __init__(self, d, experts=3):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.w_in = nn.Parameter(torch.randn(experts, d, 2 * d) / math.sqrt(d))
+        self.w_out = nn.Parameter(torch.randn(experts, 2 * d, d) / math.sqrt(2 * d))
+
+    def forward(self, x):
+        p = torch.softmax(self.router(x), dim=-1)
+        out = p[..., :1] * (F.gelu(x @ self.w_in[0]) @ self.w_out[0])
+        for e in range(1, self.w_in.shape[0]):
+            out = out + p[..., e:e + 1] * (F.gelu(x @ self.w_in[e]) @ self.w_out[e])
+        return out
+
+
 def _add(h, f, how: str):
     if how == "+":
         return h + f
@@ -170,6 +191,8 @@ class Block(nn.Module):
         setattr(self, names[1], Attention(d, spec.heads, ls.attn, lin))
         if ls.mlp == "sequential":
             setattr(self, names[2], nn.Sequential(lin(d, 2 * d), nn.GELU(), lin(2 * d, d)))
+        elif ls.mlp == "moe":
+            setattr(self, names[2], MoE(d))
         else:
             setattr(self, names[2], MLP(d, ls.mlp, lin))
         self.norm1 = make_norm(spec.norm, d)
@@ -224,7 +247,9 @@ class FuzzNet(nn.Module):
         self.embed = nn.Embedding(VOCAB, d)
         setattr(self, spec.names[0], nn.ModuleList(Block(spec, ls, spec.names) for ls in spec.layers))
         self.final_norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, VOCAB)
+        self.head = nn.Linear(d, VOCAB, bias=not spec.tied)
+        if spec.tied:
+            self.head.weight = self.embed.weight
         if spec.pooler:
             self.pooler = nn.Linear(d, d)
         if spec.probe:
@@ -262,6 +287,8 @@ def expected(spec: Spec) -> Expected:
         m = f"{root}.{mlp}"
         if ls.mlp == "sequential":
             out.branches[root] = ([f"{m}.0"], f"{m}.2")
+        elif ls.mlp == "moe":
+            out.dense += [m, f"{m}.router"]
         else:
             rs, w = MLP_PARTS[ls.mlp]
             out.branches[m] = ([f"{m}.{r}" for r in rs], f"{m}.{w}")
@@ -275,7 +302,7 @@ def build(spec: Spec) -> tuple[nn.Module, tuple]:
     model = FuzzNet(spec).eval()
     with torch.no_grad():   # weights small enough that outputs stay O(1)
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if p.dim() >= 2 and "embed" not in name and not (spec.tied and name == "head.weight"):
                 p.mul_(1.0 / math.sqrt(max(1.0, p.shape[1] / 8)))
     ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(spec.seed))
     return model, (ids,)

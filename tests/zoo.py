@@ -7,8 +7,8 @@ and writer of every branch, and the layers it must leave dense.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -177,23 +177,19 @@ ZOO = {
         never=["lm_head"], generates=True),
     "bert": ZooModel(
         "bert", bert, 48,
-        {**{f"encoder.layer.{i}.attention": ([f"encoder.layer.{i}.attention.self.{r}" for r in ("query", "key", "value")],
-                                             f"encoder.layer.{i}.attention.output.dense") for i in range(2)},
+        {**{f"encoder.layer.{i}.attention": (
+            [f"encoder.layer.{i}.attention.self.{r}" for r in ("query", "key", "value")],
+            f"encoder.layer.{i}.attention.output.dense") for i in range(2)},
          **{f"encoder.layer.{i}": ([f"encoder.layer.{i}.intermediate.dense"], f"encoder.layer.{i}.output.dense")
             for i in range(2)}},
         never=["pooler.dense"]),
     "t5": ZooModel(
         "t5", t5, 32,
-        {"encoder.block.0.layer.0.SelfAttention": (["encoder.block.0.layer.0.SelfAttention.q", "encoder.block.0.layer.0.SelfAttention.k",
-                                      "encoder.block.0.layer.0.SelfAttention.v"], "encoder.block.0.layer.0.SelfAttention.o"),
-         "encoder.block.0.layer.1.DenseReluDense": (["encoder.block.0.layer.1.DenseReluDense.wi"],
-                                                    "encoder.block.0.layer.1.DenseReluDense.wo"),
-         "decoder.block.0.layer.0.SelfAttention": (["decoder.block.0.layer.0.SelfAttention.q", "decoder.block.0.layer.0.SelfAttention.k",
-                                                    "decoder.block.0.layer.0.SelfAttention.v"], "decoder.block.0.layer.0.SelfAttention.o"),
-         "decoder.block.0.layer.1.EncDecAttention": (["decoder.block.0.layer.1.EncDecAttention.q"],
-                                                     "decoder.block.0.layer.1.EncDecAttention.o"),
-         "decoder.block.0.layer.2.DenseReluDense": (["decoder.block.0.layer.2.DenseReluDense.wi"],
-                                                    "decoder.block.0.layer.2.DenseReluDense.wo")},
+        {**_layers("encoder.block.0.layer.0.SelfAttention", 1, ["q", "k", "v"], "o"),
+         **_layers("encoder.block.0.layer.1.DenseReluDense", 1, ["wi"], "wo"),
+         **_layers("decoder.block.0.layer.0.SelfAttention", 1, ["q", "k", "v"], "o"),
+         **_layers("decoder.block.0.layer.1.EncDecAttention", 1, ["q"], "o"),
+         **_layers("decoder.block.0.layer.2.DenseReluDense", 1, ["wi"], "wo")},
         never=["lm_head", "decoder.block.0.layer.1.EncDecAttention.k", "decoder.block.0.layer.1.EncDecAttention.v"]),
     "vit": ZooModel(
         "vit", vit, 48,

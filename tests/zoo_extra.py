@@ -1,14 +1,13 @@
 """More tiny Transformers (random weights, configs only) and capture-fallback models.
 
 Expected readers / writers come from reading each transformers 5.x modeling file (see
-tests/test_zoo_extra.py for the reasons per architecture), not from running the pass.
+tests/passes/test_zoo_extra.py for the reasons per architecture), not from running the pass.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
 from zoo import VOCAB, Block, ZooModel, _hf, _ids, _layers
 
 D = 64

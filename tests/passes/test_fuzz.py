@@ -5,8 +5,8 @@ branches (holder, readers, writer), no false branch, the distractors left dense 
 dense equivalence at delta = 1, finite outputs at delta < 1, and demohdify giving back the original
 weights and outputs bit for bit.
 
-Budget: FUZZ_EXAMPLES examples (default 40, about a minute on 2 cores); run many more with e.g.
-`MOHDIFY_FUZZ_EXAMPLES=500 python -m pytest -q tests/test_fuzz.py`.
+Budget: FUZZ_EXAMPLES examples (default 50: under a minute on 2 cores); run many more with
+`MOHDIFY_FUZZ_EXAMPLES=500 python -m pytest -q tests/passes/test_fuzz.py`.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import os
 from contextlib import contextmanager
 
 import torch
+from conftest import assert_close
+from fuzz_models import LayerSpec, Spec, build, expected
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import mohdify
-from conftest import assert_close
-from fuzz_models import LayerSpec, Spec, build, expected
+from mohdify.passes.find import OUTSIDE_BLOCKS
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
-FUZZ_EXAMPLES = int(os.environ.get("MOHDIFY_FUZZ_EXAMPLES", "40"))
+FUZZ_EXAMPLES = int(os.environ.get("MOHDIFY_FUZZ_EXAMPLES", "50"))
+HEAD = "reads the residual stream but feeds no residual branch"
+GATE = "reads the branch input but only gates or routes the branch's output"
 FRONTENDS = {"export": "torch.export", "dynamo": "dynamo", "blocks": "torch.export per block"}
 
 
@@ -34,7 +37,7 @@ def layer_specs(draw) -> LayerSpec:
     residual = draw(st.sampled_from(["sequential", "parallel1", "parallel2"]))
     return LayerSpec(
         attn=draw(st.sampled_from(["separate", "fused", "mqa"])),
-        mlp=draw(st.sampled_from(["plain", "gated", "fused", "sequential"])),
+        mlp=draw(st.sampled_from(["plain", "gated", "fused", "sequential", "moe"])),
         residual=residual,
         order=tuple(draw(st.permutations(["x", "a", "m"]))),
         add=draw(st.sampled_from(["+", "torch.add", "method", "inplace"])),
@@ -58,7 +61,8 @@ def specs(draw) -> Spec:
                 layers=layers, names=(draw(st.sampled_from(["layers", "h", "blocks"])),
                                       draw(st.sampled_from(["attn", "self_attention", "mixer"])),
                                       draw(st.sampled_from(["mlp", "ffn", "feed_forward"]))),
-                pooler=draw(st.booleans()), probe=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+                pooler=draw(st.booleans()), probe=draw(st.booleans()), tied=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)))
 
 
 @contextmanager
@@ -106,6 +110,14 @@ def check_model(spec: Spec, fe: str, groups: int) -> None:
     skipped = dict(plan.skipped)
     for layer in want.dense:
         assert layer in skipped, f"{layer} has no reason in plan.skipped: {plan.skipped}"
+        if layer.endswith((".gate", ".router")):
+            reason = GATE
+        elif layer.count(".") == 2:   # an MoE block: its experts are no linear writer
+            reason = ("residual branch (MoE) whose output does not come from a linear writer",
+                      "MoE multiplies activations by its parameter 'w_")
+        else:
+            reason = OUTSIDE_BLOCKS if fe == "blocks" else HEAD
+        assert skipped[layer].startswith(reason), f"{layer}: {skipped[layer]}"
     with torch.no_grad():
         out = model(*inputs)
     assert_close(out, dense_out, f"fuzz model ({fe}) mohdified at delta=1 vs dense")

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from zoo import ZOO
 
 import mohdify
-from zoo import ZOO
 
 CONFIG = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1)
 

@@ -19,12 +19,12 @@ import importlib
 
 import pytest
 import torch
+from conftest import assert_close
+from zoo_extra import EXTRA, NETS_BRANCHES, DataDependentNet, EagerOnlyNet, LayerNormOut, Uncapturable, _ids
 
 import mohdify
-from conftest import assert_close
 from mohdify.modules import MoHDReader, MoHDWriter
 from mohdify.passes.find import OUTSIDE_BLOCKS
-from zoo_extra import (EXTRA, NETS_BRANCHES, DataDependentNet, EagerOnlyNet, LayerNormOut, Uncapturable, _ids)
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
 DENSE = mohdify.MoHDConfig.dense(num_groups=4, num_shared=1)
