@@ -10,9 +10,9 @@
 from .api import aux_loss, branches, demohdify, explain, graph, mohdify, trace_routing
 from .calibrate import calibrate
 from .config import MoHDConfig
+from .errors import CaptureError, ConfigError, InputError, MohdifyError, UnsupportedModelError
 from .expand import expand, expand_config, expansion_mohd_config
 from .flow import Flow, flow, flow_from_activations
-from .errors import CaptureError, ConfigError, InputError, MohdifyError, UnsupportedModelError
 from .plan import Branch, Plan
 from .saving import from_pretrained
 
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoHDConfig", "Plan", "Branch", "explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "calibrate",
-    "from_pretrained", "trace_routing", "expand", "expand_config", "expansion_mohd_config", "flow", "Flow", "flow_from_activations",
+    "from_pretrained", "trace_routing", "expand", "expand_config", "expansion_mohd_config", "flow", "Flow",
+    "flow_from_activations",
     "MohdifyError", "ConfigError", "InputError", "CaptureError", "UnsupportedModelError",
 ]

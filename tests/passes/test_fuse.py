@@ -13,16 +13,16 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
-from torch._dynamo.utils import counters
-
-import mohdify
 from conftest import assert_close
 from strategies import main_output, run
+from torch import fx, nn
+from torch._dynamo.utils import counters
+from zoo import ZOO
+
+import mohdify
 from mohdify.backend import mohd_backend
 from mohdify.codegen.write import write_add_naive
 from mohdify.passes.fuse import fuse_graph
-from zoo import ZOO
 
 OPS = torch.ops.mohdify
 # model -> (routes left, single reads left, [readers per read_multi, in graph order], fused counters).
