@@ -57,10 +57,6 @@ from torch import fx
 
 from .capture import _join, module_path, node_value
 from .graphview import (
-    ADD_TARGETS,
-    LINEAR_TARGETS,
-    PASS_FUNCTIONS,
-    PASS_METHODS,
     GraphView,
     canonical,
     cls_name,
@@ -75,6 +71,7 @@ from .graphview import (
     numel,
     op_name,
 )
+from .targets import ADD_TARGETS, LINEAR_TARGETS, PASS_FUNCTIONS, PASS_METHODS
 
 __all__ = ["LinearRef", "BranchMatch", "GraphAnalysis", "analyze_graph", "LINEAR_TARGETS", "ADD_TARGETS",
            "innermost_module", "canonical"]

@@ -21,8 +21,9 @@ from mohdify.plan import Branch, Plan
 
 from .analyze import GraphAnalysis, analyze_graph
 from .capture import capture
-from .graphview import LINEAR_TARGETS, innermost_module
+from .graphview import innermost_module
 from .resolve import is_linear_layer, linear_features, module_resolver, weight_source
+from .targets import LINEAR_TARGETS
 
 __all__ = ["is_linear_layer", "linear_features", "find_plan", "module_resolver", "NOT_CAPTURED"]
 

@@ -16,53 +16,25 @@ from typing import Optional
 
 import networkx as nx
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from .capture import _join, module_path, node_value
+from .targets import (
+    ADD_METHODS,
+    ADD_TARGETS,
+    ALIAS_METHODS,
+    ALIAS_TARGETS,
+    DIV_METHODS,
+    DIV_TARGETS,
+    MUL_METHODS,
+    MUL_TARGETS,
+    SHAPE_FUNCTIONS,
+    SHAPE_METHODS,
+    SUB_METHODS,
+    SUB_TARGETS,
+)
 
-__all__ = ["GraphView", "ADD_TARGETS", "ADD_METHODS", "SUB_TARGETS", "LINEAR_TARGETS", "EINSUM_TARGETS",
-           "is_add", "is_sub", "innermost_module", "canonical", "numel", "last_dim", "op_name"]
-
-aten = torch.ops.aten
-LINEAR_TARGETS = {
-    aten.linear.default: (0, 1), aten.addmm.default: (1, 2), aten.mm.default: (0, 1), aten.matmul.default: (0, 1),
-    aten.bmm.default: (0, 1),
-    torch._C._nn.linear: (0, 1), torch.nn.functional.linear: (0, 1), torch.addmm: (1, 2), torch.mm: (0, 1),
-    torch.matmul: (0, 1), operator.matmul: (0, 1),
-}  # target -> (index of the input arg, index of the weight arg)
-LINEAR_METHODS = {"matmul": (0, 1), "__matmul__": (0, 1), "mm": (0, 1)}
-EINSUM_TARGETS = {aten.einsum.default, torch.einsum, torch.functional.einsum}
-ADD_TARGETS = {aten.add.Tensor, aten.add_.Tensor, operator.add, operator.iadd, torch.add}
-ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
-SUB_TARGETS = {aten.sub.Tensor, aten.sub_.Tensor, operator.sub, operator.isub, torch.sub}
-SUB_METHODS = {"sub", "sub_", "__sub__", "__isub__"}
-# Ops that return their input unchanged in value (casts, aliases, copies).
-ALIAS_TARGETS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
-                 aten.clone.default, aten.contiguous.default, aten.detach.default, aten.type_as.default}
-ALIAS_METHODS = {"to", "type", "contiguous", "clone", "detach", "float", "type_as", "half", "bfloat16", "double"}
-MUL_TARGETS = {aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, operator.mul, operator.imul, torch.mul}
-MUL_METHODS = {"mul", "mul_", "__mul__", "__rmul__"}
-DIV_TARGETS = {aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, operator.truediv, operator.itruediv, torch.div}
-DIV_METHODS = {"div", "div_", "__truediv__"}
-# Zero-preserving ops whose first argument carries the value (see analyze.py).
-PASS_FUNCTIONS = ALIAS_TARGETS | MUL_TARGETS | {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, aten.permute.default,
-    aten.t.default, aten.numpy_T.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
-    aten.squeeze.default, aten.flatten.using_ints, aten.expand.default, aten.dropout.default,
-    aten.lift_fresh_copy.default, aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
-    aten.neg.default, aten.rms_norm.default,
-    torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.unsqueeze, torch.squeeze, torch.dropout,
-    F.dropout, F.relu, F.gelu, F.silu, F.rms_norm, torch.rms_norm, torch.relu, torch.tanh, torch.neg, operator.neg,
-    torch.nn.functional.dropout1d, torch.nn.functional.dropout2d, torch.nn.functional.alpha_dropout,
-}
-PASS_METHODS = ALIAS_METHODS | MUL_METHODS | {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
-                                              "flatten", "expand", "relu", "tanh", "neg"}
-# Shape-only ops (used to split a residual update into its summands).
-SHAPE_FUNCTIONS = PASS_FUNCTIONS - MUL_TARGETS - {F.rms_norm, torch.rms_norm, aten.rms_norm.default,
-                                                  F.relu, F.gelu, F.silu,
-                                                  torch.relu, torch.tanh, torch.neg, operator.neg}
-SHAPE_METHODS = PASS_METHODS - MUL_METHODS - {"relu", "tanh", "neg"}
+__all__ = ["GraphView", "is_add", "is_sub", "innermost_module", "canonical", "numel", "last_dim", "op_name"]
 
 
 def _in_place(n: fx.Node) -> bool:

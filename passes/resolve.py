@@ -17,7 +17,8 @@ from torch import fx, nn
 
 from .analyze import LinearRef
 from .capture import node_value
-from .graphview import EINSUM_TARGETS, LINEAR_METHODS, LINEAR_TARGETS, innermost_module
+from .graphview import innermost_module
+from .targets import EINSUM_TARGETS, LINEAR_METHODS, LINEAR_TARGETS
 
 __all__ = ["is_linear_layer", "linear_features", "module_resolver", "weight_source"]
 
