@@ -55,7 +55,7 @@ from typing import Optional
 
 from torch import fx
 
-from .capture import _join, module_path, node_value
+from .capture import join_name, module_path, node_value
 from .graphview import (
     GraphView,
     canonical,
@@ -405,7 +405,7 @@ def _term_owner(term: fx.Node, h: fx.Node, writers: list[str], prefix: str) -> t
     for key, (path, cls) in stack.items():
         if key in hstack:
             continue
-        name = _join(prefix, module_path(path))
+        name = join_name(prefix, module_path(path))
         if not any(w == name or w.startswith(name + ".") for w in writers):
             return name, cls_name(cls)
     return innermost_module(term, prefix)

@@ -148,11 +148,11 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, prefix: str = "") -> Ca
     with torch.no_grad():
         program = torch.export.export(model, args, kwargs, strict=False)
     frontend = "torch.export per block" if prefix else "torch.export"
-    params = {name: _join(prefix, fqn) for name, fqn in program.graph_signature.inputs_to_parameters.items()}
+    params = {name: join_name(prefix, fqn) for name, fqn in program.graph_signature.inputs_to_parameters.items()}
     return CapturedGraph(program.graph, frontend, prefix, params)
 
 
-def _join(prefix: str, name: str) -> str:
+def join_name(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
@@ -305,7 +305,7 @@ def _seen_modules(graphs: list[CapturedGraph]) -> set[str]:
     and each graph's top module (the common prefix of its nodes' modules: the frame compiled)."""
     seen = set()
     for g in graphs:
-        names = [_join(g.prefix, module_path(path)) for n in g.graph.nodes
+        names = [join_name(g.prefix, module_path(path)) for n in g.graph.nodes
                  for path, _ in (n.meta.get("nn_module_stack") or {}).values()]
         seen.update(names)
         parts = [n.split(".") if n else [] for n in names]

@@ -43,7 +43,7 @@ def _unseen_note(name: str, unseen: list[tuple[str, str, str]]) -> str:
             f"resume from ({why}), so the code there (e.g. residual adds) is in no captured graph")
 
 
-def _common_parent(names: list[str]) -> str:
+def common_parent(names: list[str]) -> str:
     parts = [n.split(".") for n in names]
     common = []
     for level in zip(*parts):
@@ -66,7 +66,7 @@ def _holder(name: str, modules: dict[str, nn.Module]) -> str:
     return name
 
 
-def _skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
+def skip_reasons(analysis: GraphAnalysis) -> dict[str, str]:
     """Why each linear layer of a graph that is not a reader or writer stays dense."""
     used = {r.fqn for b in analysis.branches for r in b.readers} | {b.writer.fqn for b in analysis.branches}
     writers = {b.writer.node for b in analysis.branches}
@@ -201,7 +201,7 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
             skipped.setdefault(name, why)
         for name, why in _product_reasons(a, modules).items():
             skipped.setdefault(name, why)
-        for name, why in _skip_reasons(a).items():
+        for name, why in skip_reasons(a).items():
             skipped.setdefault(name, why)
         for m in a.branches:
             _add_branch(branches, skipped, reader_owner, m, hidden, modules, filter_fn)
@@ -289,7 +289,7 @@ def _add_branch(branches, skipped, reader_owner, match, hidden, modules, filter_
                       [r for r in readers if r not in clash])
     for r in readers:
         reader_owner[r] = writer
-    name = _holder(_common_parent(readers + [writer]), modules)
+    name = _holder(common_parent(readers + [writer]), modules)
     branches[writer] = Branch(name=name, readers=readers, writer=writer, input=match.input_desc,
                               reader_shapes={r: linear_features(modules[r]) for r in readers},
                               writer_shape=linear_features(modules[writer]))

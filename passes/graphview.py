@@ -18,7 +18,7 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .capture import _join, module_path, node_value
+from .capture import join_name, module_path, node_value
 from .targets import (
     ADD_METHODS,
     ADD_TARGETS,
@@ -85,7 +85,7 @@ def innermost_module(node: fx.Node, prefix: str = "") -> tuple[str, str]:
     if not stack:
         return "", ""
     path, cls = list(stack.values())[-1]
-    return _join(prefix, module_path(path)), cls_name(cls)
+    return join_name(prefix, module_path(path)), cls_name(cls)
 
 
 def cls_name(cls) -> str:

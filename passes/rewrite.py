@@ -46,7 +46,7 @@ from mohdify.routing import route_tokens
 
 from .analyze import BranchMatch, LinearRef, analyze_graph, innermost_module
 from .capture import module_path, node_value
-from .find import _common_parent, _skip_reasons
+from .find import common_parent, skip_reasons
 from .targets import ADDMM_FNS, LINEAR_FNS
 
 __all__ = ["RewriteReport", "GraphBuilder", "dynamo_resolver", "graph_fake_mode", "rewrite_graph", "unflatten_tokens"]
@@ -230,7 +230,7 @@ def rewrite_graph(gm: fx.GraphModule, config: MoHDConfig) -> RewriteReport:
     Raises ConfigError if config.num_groups does not divide the hidden size found.
     """
     analysis = analyze_graph(gm.graph, dynamo_resolver(gm))
-    skipped = list(analysis.skipped) + sorted(_skip_reasons(analysis).items())
+    skipped = list(analysis.skipped) + sorted(skip_reasons(analysis).items())
     report = RewriteReport(analysis.hidden_size, skipped=skipped, linears=len(analysis.linears))
     if not analysis.branches:
         return report
@@ -255,7 +255,7 @@ def rewrite_graph(gm: fx.GraphModule, config: MoHDConfig) -> RewriteReport:
             continue
         claimed |= nodes
         _rewrite_branch(builder, m, hidden, config, order)
-        report.branches.append((_common_parent(names + [m.writer.fqn]), names, m.writer.fqn))
+        report.branches.append((common_parent(names + [m.writer.fqn]), names, m.writer.fqn))
     gm.graph.lint()
     gm.recompile()
     return report
