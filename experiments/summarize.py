@@ -97,15 +97,17 @@ def r4_table() -> str:
     path = RESULTS / "r4" / "r4.json"
     if not path.exists():
         return "(no R4 data yet)"
-    rows = ["| model | D | branches | top 10% dims: first branch | last branch | mean | top 25% of groups (mean) | "
-            "dims shared by >= 50% of tokens (mean per branch) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | D | branches | top 10% dims: first branch | last branch | mean | top 25% of dims (mean) | "
+            "top 25% of groups (mean) | dims shared by >= 50% of tokens (mean per branch) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, m in json.loads(path.read_text())["models"].items():
         b = m["branches"]
         top10 = [r["energy_top10%_dims"] for r in b]
         groups = statistics.mean(r["energy_top25%_groups"] for r in b)
+        dims25 = statistics.mean(r["energy_top25%_dims"] for r in b)
         shared = statistics.mean(r["shared_dims"] for r in b)
         rows.append(f"| {name} | {m['hidden']} | {len(b)} | {top10[0]:.3f} | {top10[-1]:.3f} | "
-                    f"{statistics.mean(top10):.3f} | {groups:.3f} | {shared:.1f} |")
+                    f"{statistics.mean(top10):.3f} | {dims25:.3f} | {groups:.3f} | {shared:.1f} |")
     return "\n".join(rows)
 
 
