@@ -13,8 +13,9 @@ R1 compression: dense D=128; MoHD at delta 0.5 (16 groups, 4 shared, top-4); den
 R2 expansion: MoHD at D=256 (mohdify.expand_config x2) at density 1/2 (16 groups, 4 shared, top-4) vs dense
    D=128 (the R1 dense runs): same activated reader/writer parameters per token.
 R3 ablations at D=128, density 0.5, one seed; the baseline is R1's MoHD run with seed 0.
-R4 (activation flow, experiments/flow_r4.py) and R5 (MiniLM conversion, examples/convert_minilm.py) run in this
-   process when named in --only (`--only r4 r5`), so that pausing `run_research` pauses them too.
+R4 (activation flow, experiments/flow_r4.py) and R5 (MiniLM conversion, examples/convert_minilm.py; r5m: the same
+   at delta 0.75 fine-tuned with the magnitude router) run in this process when named in --only
+   (`--only r4 r5 r5m`), so that pausing `run_research` pauses them too.
 """
 
 from __future__ import annotations
@@ -85,16 +86,18 @@ def command(exp: str, name: str, extra: list[str], steps: int) -> list[str]:
 
 
 def in_process(exp: str, list_only: bool) -> None:
-    out = RESULTS / "r5" / "minilm.json" if exp == "r5" else RESULTS / "r4" / "r4.json"
+    out = {"r5": RESULTS / "r5" / "minilm.json", "r5m": RESULTS / "r5" / "minilm-magnitude.json",
+           "r4": RESULTS / "r4" / "r4.json"}[exp]
     print(f"{exp}: {'done (skipped)' if out.exists() else 'pending'}", flush=True)
     if out.exists() or list_only:
         return
     sys.path.insert(0, str(ROOT / "examples"))
     sys.path.insert(0, str(ROOT / "experiments"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if exp == "r5":
+    if exp in ("r5", "r5m"):
         import convert_minilm
-        sys.argv = ["examples/convert_minilm.py", "--out", str(out.relative_to(ROOT))]
+        extra = ["--densities", "0.75", "--routers", "magnitude"] if exp == "r5m" else []
+        sys.argv = ["examples/convert_minilm.py", "--out", str(out.relative_to(ROOT))] + extra
         convert_minilm.main(sys.argv[1:])
     else:
         import flow_r4
@@ -111,7 +114,7 @@ def main() -> None:
     p.add_argument("--logs", type=Path, default=Path(os.environ.get("MOHD_LOGS", "/tmp/mohdify-research-logs")))
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
-    for exp in ("r5", "r4"):
+    for exp in ("r5", "r5m", "r4"):
         if args.only is not None and exp in args.only:
             in_process(exp, args.list)
     todo = [r for r in runs(tuple(args.seeds)) if args.only is None or r[0] in args.only]

@@ -1,6 +1,7 @@
 """Tables and plots of R1-R3 from the run JSONs that run_research.py wrote.
 
     python experiments/summarize.py          # prints markdown tables; writes docs/results/{r1,r2,r3}.json and PNGs
+    python experiments/summarize.py --write  # also puts the tables into docs/RESULTS.md (between <!-- rN --> marks)
 
 Mean +- sample standard deviation over seeds; runs missing so far are left out (the table says how many seeds).
 """
@@ -97,15 +98,17 @@ def r4_table() -> str:
     path = RESULTS / "r4" / "r4.json"
     if not path.exists():
         return "(no R4 data yet)"
-    rows = ["| model | D | branches | top 10% dims: first branch | last branch | mean | top 25% of groups (mean) | "
-            "dims shared by >= 50% of tokens (mean per branch) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | D | branches | top 10% dims: first branch | last branch | mean | top 25% of dims (mean) | "
+            "top 25% of groups (mean) | dims shared by >= 50% of tokens (mean per branch) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, m in json.loads(path.read_text())["models"].items():
         b = m["branches"]
         top10 = [r["energy_top10%_dims"] for r in b]
         groups = statistics.mean(r["energy_top25%_groups"] for r in b)
+        dims25 = statistics.mean(r["energy_top25%_dims"] for r in b)
         shared = statistics.mean(r["shared_dims"] for r in b)
         rows.append(f"| {name} | {m['hidden']} | {len(b)} | {top10[0]:.3f} | {top10[-1]:.3f} | "
-                    f"{statistics.mean(top10):.3f} | {groups:.3f} | {shared:.1f} |")
+                    f"{statistics.mean(top10):.3f} | {dims25:.3f} | {groups:.3f} | {shared:.1f} |")
     return "\n".join(rows)
 
 
@@ -114,9 +117,11 @@ def r5_table() -> str:
     if not path.exists():
         return "(no R5 data yet)"
     data = json.loads(path.read_text())
+    extra = RESULTS / "r5" / "minilm-magnitude.json"     # run_research.py --only r5m
+    more = [r for r in json.loads(extra.read_text())["results"] if r["method"] == "fine-tuned"] if extra.exists() else []
     rows = ["| density | method | router | fine-tuning steps | cosine mean (min) | curve: step -> cosine |",
             "|---|---|---|---|---|---|"]
-    for r in data["results"]:
+    for r in data["results"] + more:
         curve = ", ".join(f"{c['step']}: {c['cosine_mean']:.3f}" for c in r.get("curve", []))
         rows.append(f"| {r['density']} | {r['method']} | {r['router']} | {r['steps']} | "
                     f"{r['cosine_mean']:.4f} ({r['cosine_min']:.4f}) | {curve} |")
@@ -142,18 +147,36 @@ def plot_curves(conditions, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def write_tables(tables: dict[str, str]) -> None:
+    """Replace the text between `<!-- rN -->` and `<!-- /rN -->` in docs/RESULTS.md by table N."""
+    path = ROOT / "docs" / "RESULTS.md"
+    doc = path.read_text()
+    for name, text in tables.items():
+        start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if start in doc and end in doc:
+            head, rest = doc.split(start, 1)
+            doc = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    path.write_text(doc)
+
+
 def main() -> None:
     if not RESULTS.exists():
         sys.exit(f"no results in {RESULTS}: run experiments/run_research.py first.")
+    tables = {}
     for name, conditions in (("r1", R1_CONDITIONS), ("r2", R2_CONDITIONS)):
         text, record = table(conditions, name)
+        tables[name] = text
         print(f"## {name}\n{text}\n")
         (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1))
         plot_curves(conditions, RESULTS / f"{name}.png", f"{name}: validation (KJV held-out books), all seeds")
     text, record = r3_table()
+    tables["r3"] = text
     print(f"## r3\n{text}\n")
     (RESULTS / "r3.json").write_text(json.dumps(record, indent=1))
-    print(f"## r4\n{r4_table()}\n\n## r5\n{r5_table()}")
+    tables["r4"], tables["r5"] = r4_table(), r5_table()
+    print(f"## r4\n{tables['r4']}\n\n## r5\n{tables['r5']}")
+    if "--write" in sys.argv[1:]:
+        write_tables(tables)
 
 
 if __name__ == "__main__":
