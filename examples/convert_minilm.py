@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
         if abs(active / args.groups - density) > 1e-9 or top_k < 1:
             raise SystemExit(f"density {density} is not (shared {args.shared} + top_k >= 1) / {args.groups} groups.")
 
-        def make(router, calibrated):
+        def make(router, calibrated, top_k=top_k):
             cfg = mohdify.MoHDConfig(num_groups=args.groups, num_shared=args.shared, top_k=top_k, router=router)
             model = mohdify.mohdify(copy.deepcopy(dense), cfg, example_inputs=example)
             for q in model.parameters():
@@ -171,7 +171,8 @@ def main(argv=None) -> dict:
             curve = finetune(make(router, True), dense, tok, train_verses, eval_batches, refs, args,
                              f"density {density} fine-tuned ({router} router)")
             rows.append({"density": density, "method": "fine-tuned", "router": router, "steps": args.steps,
-                         "cosine_mean": curve[-1]["cosine_mean"], "cosine_min": curve[-1]["cosine_min"], "curve": curve})
+                         "cosine_mean": curve[-1]["cosine_mean"], "cosine_min": curve[-1]["cosine_min"],
+                         "curve": curve})
             save(False)
     save(True)
     return result

@@ -173,7 +173,8 @@ def train(args: argparse.Namespace) -> dict:
     model, hf_config, cfg, plan = build_model(args)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "router" not in n and "fusion" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "router" not in n and "fusion" not in n)]
+    no_decay = [p for n, p in model.named_parameters()
+                if not (p.dim() >= 2 and "router" not in n and "fusion" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     ckpt = args.checkpoint or args.out.with_suffix(".ckpt")
@@ -232,7 +233,8 @@ def train(args: argparse.Namespace) -> dict:
     metrics = {
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "model": {"type": "LlamaForCausalLM", "hidden_size": hf_config.hidden_size, "layers": hf_config.num_hidden_layers,
+        "model": {"type": "LlamaForCausalLM", "hidden_size": hf_config.hidden_size,
+                  "layers": hf_config.num_hidden_layers,
                   "heads": hf_config.num_attention_heads, "head_dim": hf_config.head_dim,
                   "intermediate_size": hf_config.intermediate_size, "vocab": VOCAB, "context": args.context},
         "mohd": cfg.to_dict() if cfg else None, "density": cfg.density if cfg else 1.0,
@@ -261,7 +263,8 @@ def routing_health(model, loads: dict, history: list, cfg) -> dict | None:
     flat = [x for v in routed.values() for x in v]
     ideal = cfg.top_k / cfg.num_routed
     aux = [h["aux_loss"] for h in history if "aux_loss" in h]
-    return {"load_per_group": loads, "routed_load_ideal": ideal, "routed_load_min": min(flat), "routed_load_max": max(flat),
+    return {"load_per_group": loads, "routed_load_ideal": ideal, "routed_load_min": min(flat),
+            "routed_load_max": max(flat),
             "dead_groups": sum(x < 0.01 for x in flat), "branches": len(loads),
             "aux_loss_last": aux[-1] if aux else None, "aux_loss_first": aux[0] if aux else None}
 

@@ -118,7 +118,8 @@ def r5_table() -> str:
         return "(no R5 data yet)"
     data = json.loads(path.read_text())
     extra = RESULTS / "r5" / "minilm-magnitude.json"     # run_research.py --only r5m
-    more = [r for r in json.loads(extra.read_text())["results"] if r["method"] == "fine-tuned"] if extra.exists() else []
+    more = ([r for r in json.loads(extra.read_text())["results"] if r["method"] == "fine-tuned"]
+            if extra.exists() else [])
     rows = ["| density | method | router | fine-tuning steps | cosine mean (min) | curve: step -> cosine |",
             "|---|---|---|---|---|---|"]
     for r in data["results"] + more:

@@ -18,9 +18,10 @@ Tokens where an `attention_mask` of the batch is 0 are left out.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +95,8 @@ class Flow:
     def __str__(self) -> str:
         d = self.energy.shape[1]
         head = (f"activation flow over {self.tokens} tokens, D={d}, {self.num_groups} groups, top set = "
-                f"{self.top_fraction:.0%} of dims, shared = in the top set of >= {self.shared_threshold:.0%} of tokens\n")
+                f"{self.top_fraction:.0%} of dims, shared = in the top set of >= {self.shared_threshold:.0%} "
+                "of tokens\n")
         cols = ("branch", "top10% dims", "top25% dims", "top50% dims", "top25% groups", "shared", "specific", "silent")
         rows = [cols]
         for r in self.summary():
