@@ -22,6 +22,21 @@ def _labels(flow) -> list[str]:
             for n in flow.branches]
 
 
+def _heatmap(plt, path: Path, data: torch.Tensor, labels: list[str], xlabel: str, title: str, cmap: str,
+             width: float, bar: float, vrange: tuple = (None, None)) -> Path:
+    """One branches x columns heat map of `data` `[B, C]`, saved to `path`."""
+    fig, ax = plt.subplots(figsize=(width, 0.25 * len(labels) + 1.5), dpi=90)
+    im = ax.imshow(data.numpy(), aspect="auto", cmap=cmap, vmin=vrange[0], vmax=vrange[1], interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title.strip(), fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=bar)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_flow(flow, folder: Path, title: str = "") -> list[Path]:
     plt = _plt()
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,16 +45,8 @@ def plot_flow(flow, folder: Path, title: str = "") -> list[Path]:
     paths = []
 
     share = flow.energy / flow.energy.sum(1, keepdim=True).clamp_min(1e-30)          # [B, D]
-    fig, ax = plt.subplots(figsize=(8, 0.25 * nb + 1.5), dpi=90)
-    im = ax.imshow(torch.log10(share.clamp_min(1e-6)).numpy(), aspect="auto", cmap="magma", interpolation="nearest")
-    ax.set_yticks(range(nb), labels, fontsize=6)
-    ax.set_xlabel("hidden dim")
-    ax.set_title(f"{title} share of input energy per dim (log10)".strip(), fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    paths.append(folder / "flow_heatmap.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
+    paths.append(_heatmap(plt, folder / "flow_heatmap.png", torch.log10(share.clamp_min(1e-6)), labels,
+                          "hidden dim", f"{title} share of input energy per dim (log10)", "magma", 8, 0.03))
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=90)
     cmap = plt.get_cmap("viridis")
@@ -60,26 +67,10 @@ def plot_flow(flow, folder: Path, title: str = "") -> list[Path]:
     fig.savefig(paths[-1])
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 0.25 * nb + 1.5), dpi=90)
-    im = ax.imshow(flow.frequency.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_yticks(range(nb), labels, fontsize=6)
-    ax.set_xlabel("hidden dim")
-    ax.set_title(f"{title} share of tokens with the dim in their top {flow.top_fraction:.0%}".strip(), fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    paths.append(folder / "flow_frequency.png")
-    fig.savefig(paths[-1])
-    plt.close(fig)
-
+    paths.append(_heatmap(plt, folder / "flow_frequency.png", flow.frequency, labels, "hidden dim",
+                          f"{title} share of tokens with the dim in their top {flow.top_fraction:.0%}", "viridis", 8,
+                          0.03, vrange=(0, 1)))
     if flow.load is not None:
-        fig, ax = plt.subplots(figsize=(6, 0.25 * nb + 1.5), dpi=90)
-        im = ax.imshow(flow.load.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_yticks(range(nb), labels, fontsize=6)
-        ax.set_xlabel("group")
-        ax.set_title(f"{title} group load (share of tokens)".strip(), fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-        fig.tight_layout()
-        paths.append(folder / "flow_load.png")
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        paths.append(_heatmap(plt, folder / "flow_load.png", flow.load, labels, "group",
+                              f"{title} group load (share of tokens)", "Blues", 6, 0.04, vrange=(0, 1)))
     return paths
