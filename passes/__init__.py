@@ -13,7 +13,8 @@
 from .analyze import BranchMatch, GraphAnalysis, LinearRef, analyze_graph
 from .apply import apply_plan, is_mohdified, mohd_branches, remove_mohd
 from .capture import Capture, CapturedGraph, capture, normalize_inputs
-from .find import find_plan, is_linear_layer
+from .find import find_plan
+from .layers import is_linear_layer
 
 __all__ = [
     "BranchMatch", "GraphAnalysis", "LinearRef", "analyze_graph", "apply_plan", "is_mohdified", "mohd_branches",

@@ -17,7 +17,7 @@ from mohdify.config import MoHDConfig
 from mohdify.modules import MoHDBranch, MoHDLinear, MoHDReader, MoHDWriter
 from mohdify.plan import Plan
 
-from .find import is_linear_layer
+from .layers import is_linear_layer
 
 __all__ = ["apply_plan", "remove_mohd", "mohd_branches", "is_mohdified"]
 

@@ -13,30 +13,15 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from .analyze import LinearRef
 from .capture import node_value
 from .graphview import innermost_module
+from .layers import LayerTable
 from .targets import EINSUM_TARGETS, LINEAR_METHODS, LINEAR_TARGETS
 
-__all__ = ["is_linear_layer", "linear_features", "module_resolver", "weight_source"]
-
-
-def is_linear_layer(module: nn.Module) -> bool:
-    """nn.Linear (and subclasses) or a GPT-2 style Conv1D (weight [in, out], addmm)."""
-    if isinstance(module, nn.Linear):
-        return True
-    weight = getattr(module, "weight", None)
-    return type(module).__name__ == "Conv1D" and isinstance(weight, nn.Parameter) and weight.dim() == 2
-
-
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear layer."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    in_f, out_f = module.weight.shape
-    return int(in_f), int(out_f)
+__all__ = ["module_resolver", "weight_source"]
 
 
 _LINEAR_FNS = (torch.ops.aten.linear.default, torch._C._nn.linear, F.linear, torch.ops.aten.addmm.default, torch.addmm)
@@ -97,7 +82,7 @@ def _operands(node: fx.Node, is_param: Callable[[Any], bool]) -> Optional[tuple[
     return args[in_idx], args[w_idx]
 
 
-def module_resolver(modules: dict[str, nn.Module], prefix: str,
+def module_resolver(table: LayerTable, prefix: str,
                     params: Optional[dict[str, str]] = None) -> Callable[[fx.Node], Optional[LinearRef]]:
     """Recognise the linear maps of a graph: products of an activation with a 2-D weight parameter.
 
@@ -108,7 +93,7 @@ def module_resolver(modules: dict[str, nn.Module], prefix: str,
     are not linear maps here (see `_weight_products`).
     """
     params = params or {}
-    named = {name: p for name, p in _named_params(modules)}
+    named = table.params
 
     def is_param(w) -> bool:
         name = _weight_param(w, params)
@@ -130,20 +115,14 @@ def module_resolver(modules: dict[str, nn.Module], prefix: str,
             return None
         pname = _weight_param(w, params)
         owner, _, attr = pname.rpartition(".")
-        module, param = modules.get(owner), named[pname]
+        param = named[pname]
         here, _ = innermost_module(node, prefix)
-        layer = modules.get(here)
-        if layer is not None and is_linear_layer(layer) and layer.weight is param and not left:   # tied too
-            stored = tuple(layer.weight.shape)
-            if tuple(wv.shape) in (stored, stored[::-1]) and (in_f, out_f) == linear_features(layer):
+        if here in table.linears and table.weight(here) is param and not left:   # tied too
+            stored = tuple(param.shape)
+            if tuple(wv.shape) in (stored, stored[::-1]) and (in_f, out_f) == table.linears[here]:
                 return LinearRef(node, x, here, in_f, out_f)
-        if module is not None and is_linear_layer(module) and attr == "weight":
+        if owner in table.linears and attr == "weight":
             return LinearRef(node, x, owner, in_f, out_f, layer=False, where=here or "the model's own forward")
         return LinearRef(node, x, owner or pname, in_f, out_f, layer=False, where=pname)
     return resolve
 
-
-def _named_params(modules: dict[str, nn.Module]):
-    for name, module in modules.items():
-        for attr, p in module.named_parameters(recurse=False):
-            yield (f"{name}.{attr}" if name else attr), p

@@ -14,7 +14,8 @@ from torch import fx
 
 import mohdify.codegen  # noqa: F401 - registers torch.ops.mohdify.*
 
-__all__ = ["MOHD_OPS", "LINEAR_FNS", "ADDMM_FNS", "mohd_op_kind", "mohd_op_nodes", "LINEAR_TARGETS",
+__all__ = ["MOHD_OPS", "LINEAR_FNS", "ADDMM_FNS", "MATMUL_FNS", "MATMUL_METHODS", "mohd_op_kind", "mohd_op_nodes",
+           "LINEAR_TARGETS",
            "LINEAR_METHODS", "EINSUM_TARGETS", "ADD_TARGETS", "ADD_METHODS", "SUB_TARGETS", "SUB_METHODS",
            "ALIAS_TARGETS", "ALIAS_METHODS", "MUL_TARGETS", "MUL_METHODS", "DIV_TARGETS", "DIV_METHODS",
            "PASS_FUNCTIONS", "PASS_METHODS", "SHAPE_FUNCTIONS", "SHAPE_METHODS"]
@@ -33,6 +34,8 @@ _KINDS = {**{packet: kind for kind, packet in MOHD_OPS.items()},
 # the linear calls the backend's rewrite replaces (dynamo graphs)
 LINEAR_FNS = (torch._C._nn.linear, F.linear)    # (input, weight, bias), weight [O, I]
 ADDMM_FNS = (torch.addmm,)                      # (bias, input, weight), weight [I, O]
+MATMUL_FNS = (operator.matmul, torch.matmul, torch.mm)   # (input, weight), weight [I, O] (e.g. W.T)
+MATMUL_METHODS = ("matmul", "__matmul__", "mm")
 
 aten = torch.ops.aten
 LINEAR_TARGETS = {
