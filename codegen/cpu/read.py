@@ -96,7 +96,7 @@ def read_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, al
     group_size = check_reader("mohdify::read", x, weight, bias, mask, alpha)
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[0])
-    plan = plan_groups(mask, x.dtype, "read")
+    plan = plan_groups(mask, x.dtype, "read", group_size)
     xm = _masked_input(x, mask, plan, group_size) if plan.path == "decode" else None
     return _read_one(x, xm, weight, bias, mask, alpha, plan, group_size)
 
@@ -110,6 +110,6 @@ def read_multi_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tenso
         group_size = check_reader("mohdify::read_multi", x, w, b, mask, alpha)
     if x.shape[0] == 0:
         return [x.new_zeros(0, w.shape[0]) for w in weights]
-    plan = plan_groups(mask, x.dtype, "read")
+    plan = plan_groups(mask, x.dtype, "read", group_size)
     xm = _masked_input(x, mask, plan, group_size) if plan.path == "decode" else None
     return [_read_one(x, xm, w, b, mask, alpha, plan, group_size) for w, b in zip(weights, biases)]

@@ -34,7 +34,7 @@ def _backward(ctx, grad):
     u, weight, bias, gates, fusion = ctx.saved_tensors
     # A custom op (reference on CPU, Triton on CUDA) so that AOT autograd can trace this formula.
     return write_backward(grad, u, weight, bias if ctx.has_bias else None, gates,
-                          fusion if ctx.has_fusion else None)
+                          fusion if ctx.has_fusion else None, ctx.needs_input_grad[3])
 
 
 write.register_autograd(_backward, setup_context=_setup_context)
