@@ -7,7 +7,8 @@ Two paths, chosen per call by `plan_groups` (the crossover table of crossover.py
   - "dense": the dense-equivalent: the matmuls of a dense layer's backward (two), with the masks
     applied element-wise. Unlike the reference it does not run the forward matmul again for the
     reader's alpha gradient (sum over active dims of x * (g W), the product grad_x needs anyway),
-    and the writer's z = W u + b only when the gates or the fusion need a gradient.
+    and the writer's z = W u + b only when the gates or the fusion need a gradient, read from the
+    forward's output (z = out / gates) when there is no fusion.
 
 Gate gradients (writer): the gradient of a gate that is 0 is 0 here (the reference gives
 <grad_o, W u + b> there). A zero gate is an inactive group: the kernels never compute its output,
@@ -29,7 +30,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..read.naive import expand_groups
 from .checks import check_reader, check_writer
 from .layout import is_column_major
 from .plan import GroupPlan, plan_groups, runs
@@ -83,12 +83,17 @@ def _read_grads_grouped(grad: Tensor, x: Tensor, xa: Tensor, weight: Tensor, pla
     return p, gwt
 
 
-def _read_grads_dense(grad: Tensor, xa: Tensor, weight: Tensor, m: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _masked(t: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """`t` `[T, D]` with each token's inactive groups zeroed (broadcast over G, no `[T, D]` mask)."""
+    if mask is None:
+        return t
+    num_tokens, num_groups = mask.shape
+    return (t.reshape(num_tokens, num_groups, -1) * mask[:, :, None].to(t.dtype)).view(t.shape)  # [T, D]
+
+
+def _read_grads_dense(grad: Tensor, xa: Tensor, weight: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """The same (p, grad_w^T) with two dense matmuls; xa already masked."""
-    p = grad @ weight                                                         # [T, D]
-    if m is not None:
-        p.mul_(m)                                                             # [T, D]
-    return p, xa.t() @ grad                                                   # [D, O]
+    return _masked(grad @ weight, mask), xa.t() @ grad                       # [T, D], [D, O]
 
 
 def read_backward_cpu(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mask: Tensor,
@@ -105,8 +110,8 @@ def read_backward_cpu(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, m
         xa = x if alpha is None else x * alpha[:, None].to(x.dtype)           # [T, D]
         p, gwt = _read_grads_grouped(grad, x, xa, weight, plan, group_size)
     else:
-        m = None if not plan.partial else expand_groups(mask, group_size).to(x.dtype)  # [T, D]
-        xm = x if m is None else x * m                                        # [T, D]
+        m = mask if plan.partial else None                                   # [T, N]
+        xm = _masked(x, m)                                                    # [T, D]
         xa = xm if alpha is None else xm * alpha[:, None].to(x.dtype)         # [T, D]
         p, gwt = _read_grads_dense(grad, xa, weight, m)
     grad_alpha = None
@@ -156,10 +161,11 @@ def _affine(u: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
 
 
 def write_backward_cpu(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
-                       fusion: Optional[Tensor], need_gates: bool = True):
+                       fusion: Optional[Tensor], need_gates: bool = True, out: Optional[Tensor] = None):
     """Gradients of the writer w.r.t. (u, weight, bias, gates, fusion), as `write_backward_naive`
     except that zero gates get a zero gradient (module docstring); `need_gates` False skips them
-    (returns zeros) when the gates need no gradient."""
+    (returns zeros) when the gates need no gradient. `out` (the forward's output, fusion None):
+    z = out / gates at active groups, instead of the matmul W u + b."""
     group_size = check_writer("mohdify::write_backward", u, weight, bias, gates, fusion)
     num_tokens, num_groups = gates.shape
     grad3 = grad.contiguous().view(num_tokens, num_groups, group_size)        # [T, N, G]
@@ -172,11 +178,15 @@ def write_backward_cpu(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[T
                 gates.new_zeros(gates.shape), grad_fusion)
     active = gates != 0                                                       # [T, N]
     plan = _plan(active, u.dtype, "write_backward", group_size)
-    need_z = need_gates or fusion is not None
+    from_out = out is not None and fusion is None and need_gates
+    need_z = (need_gates or fusion is not None) and not from_out
     grad_u, gw, z = _write_grads(gz, u, weight, bias, plan, group_size, need_z)
     grad_gates = gates.new_zeros(gates.shape)                                 # [T, N]
     grad_fusion = None
-    if z is not None:
+    if from_out:   # <grad_o, z> = <grad_o, out> / gate at active groups: no matmul
+        dot = (go3 * out.reshape(num_tokens, num_groups, group_size)).sum(-1)  # [T, N]
+        grad_gates = torch.where(active, dot / torch.where(active, gates, 1).to(dot.dtype), 0).to(gates.dtype)
+    elif z is not None:
         z3 = z.view(num_tokens, num_groups, group_size)                       # [T, N, G]
         if need_gates:
             dot = (go3 * z3).sum(-1)                                          # [T, N]

@@ -42,19 +42,22 @@ def _pack(grads, u: Tensor):
 
 @torch.library.custom_op("mohdify::write_backward", mutates_args=())
 def write_backward_op(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
-                      fusion: Optional[Tensor], need_gates: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      fusion: Optional[Tensor], need_gates: bool = True,
+                      out: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_u, grad_w, grad_b, grad_gates, grad_fusion); absent gradients come back empty. With
-    need_gates False (the gates need no gradient) a kernel may return zeros for grad_gates."""
+    need_gates False (the gates need no gradient) a kernel may return zeros for grad_gates; `out`,
+    the forward's output when it had no fusion, lets a kernel read z = out / gates instead of
+    recomputing W u + b (the CPU kernel does)."""
     return _pack(write_backward_naive(grad, u, weight, bias, gates, fusion), u)
 
 
 @write_backward_op.register_kernel("cpu")
-def _write_backward_cpu(grad, u, weight, bias, gates, fusion, need_gates=True):
-    return _pack(write_backward_cpu(grad, u, weight, bias, gates, fusion, need_gates), u)
+def _write_backward_cpu(grad, u, weight, bias, gates, fusion, need_gates=True, out=None):
+    return _pack(write_backward_cpu(grad, u, weight, bias, gates, fusion, need_gates, out), u)
 
 
 @write_backward_op.register_kernel("cuda")
-def _write_backward_cuda(grad, u, weight, bias, gates, fusion, need_gates=True):
+def _write_backward_cuda(grad, u, weight, bias, gates, fusion, need_gates=True, out=None):
     def kernel():
         from .backward import write_backward_triton
 
@@ -65,15 +68,15 @@ def _write_backward_cuda(grad, u, weight, bias, gates, fusion, need_gates=True):
 
 
 @write_backward_op.register_fake
-def _write_backward_fake(grad, u, weight, bias, gates, fusion, need_gates=True):
+def _write_backward_fake(grad, u, weight, bias, gates, fusion, need_gates=True, out=None):
     grad_b = bias.new_empty(bias.shape) if bias is not None else u.new_empty(0)
     grad_fusion = fusion.new_empty(fusion.shape) if fusion is not None else u.new_empty(0)
     return u.new_empty(u.shape), weight.new_empty(weight.shape), grad_b, gates.new_empty(gates.shape), grad_fusion
 
 
 def write_backward(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
-                   fusion: Optional[Tensor], need_gates: bool = True):
+                   fusion: Optional[Tensor], need_gates: bool = True, out: Optional[Tensor] = None):
     """`write_backward_op` with absent gradients as None, for the autograd formula in op.py."""
     grad_u, grad_w, grad_b, grad_gates, grad_fusion = write_backward_op(grad, u, weight, bias, gates, fusion,
-                                                                        need_gates)
+                                                                        need_gates, out)
     return grad_u, grad_w, grad_b if bias is not None else None, grad_gates, grad_fusion if fusion is not None else None
