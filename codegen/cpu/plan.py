@@ -8,7 +8,8 @@ call and launch torch ops over contiguous weight blocks. Paths (thresholds measu
               some token uses, each reading one contiguous weight block; the groups no token uses
               are never read;
   - "grouped": prefill: groups every token uses run as one matmul over all tokens, the others
-              gather their tokens, so each group's weight block is read once for all its tokens.
+              gather their tokens, so each group's weight block is read once for all its tokens;
+              when it beats dense is the measured table of crossover.py.
 
 Shape legend: T = tokens, N = groups, G = group size.
 """
@@ -20,17 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["GroupPlan", "plan_groups", "runs", "DECODE_MAX_TOKENS", "GROUPED_MAX_FRACTION"]
+from .crossover import grouped_pays
+
+__all__ = ["GroupPlan", "plan_groups", "runs", "DECODE_MAX_TOKENS"]
 
 DECODE_MAX_TOKENS = 16
-# Prefill: the grouped path runs when the active (token, group) pairs are at most this fraction of
-# T * N; above it the dense reference is faster. Measured (codegen/README.md, T = 512, D 2048 x 5632,
-# fp32, 1 thread; grouped / dense): reader 4.2x / 1.5x / 2.0x at 25 / 37.5 / 50%, writer 2.5x /
-# 1.5x / 0.89x. bf16 grouped lost everywhere (0.2-0.4x): bf16 small matmuls are slow on CPU.
-GROUPED_MAX_FRACTION = {
-    "read": {torch.float32: 0.5, torch.bfloat16: 0.0, torch.float16: 0.0},
-    "write": {torch.float32: 0.4, torch.bfloat16: 0.0, torch.float16: 0.0},
-}
 
 
 def runs(groups: list[int]) -> list[tuple[int, int]]:
@@ -56,9 +51,10 @@ class GroupPlan:
         return sorted(self.full + self.partial)
 
 
-def plan_groups(active: Tensor, dtype: torch.dtype, kind: str) -> GroupPlan:
+def plan_groups(active: Tensor, dtype: torch.dtype, kind: str, group_size: int = 0) -> GroupPlan:
     """`active` `[T, N]` bool (reader mask, or writer gates != 0) -> the plan of one call (T >= 1);
-    `kind` is "read" or "write" (their prefill crossovers differ)."""
+    `kind` is a key of the crossover table (codegen/cpu/crossover.py: "read", "write",
+    "read_backward", "write_backward"), `group_size` G (0: unknown)."""
     num_tokens, num_groups = active.shape
     counts = active.sum(0).tolist()                                           # [N] tokens per group
     full = [g for g, c in enumerate(counts) if c == num_tokens]
@@ -67,8 +63,8 @@ def plan_groups(active: Tensor, dtype: torch.dtype, kind: str) -> GroupPlan:
         return GroupPlan("dense", full, partial, {})
     if num_tokens <= DECODE_MAX_TOKENS:
         return GroupPlan("decode", full, partial, {})
-    fraction = sum(counts) / (num_tokens * num_groups)
-    if fraction > GROUPED_MAX_FRACTION[kind].get(dtype, 0.0):
+    share = sum(counts) / (num_tokens * num_groups)
+    if not grouped_pays(kind, dtype, group_size, num_tokens, share):
         return GroupPlan("dense", full, partial, {})
     tokens_of = {g: active[:, g].nonzero().squeeze(1) for g in partial}      # [T_g] each
     return GroupPlan("grouped", full, partial, tokens_of)

@@ -78,7 +78,7 @@ def write_cpu(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, 
 def _write(u, weight, bias, gates, fusion, group_size: int) -> Tensor:
     if u.shape[0] == 0:
         return u.new_zeros(0, weight.shape[0])
-    plan = plan_groups(gates != 0, u.dtype, "write")
+    plan = plan_groups(gates != 0, u.dtype, "write", group_size)
     if plan.path == "dense":
         return write_naive(u, weight, bias, gates, fusion)                    # [T, D]
     if plan.path == "decode":

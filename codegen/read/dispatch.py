@@ -1,8 +1,8 @@
 """CUDA side of `mohdify::read`: the fused Triton forward, and `mohdify::read_backward`.
 
 The backward is its own custom op so that torch.compile / AOT autograd can trace the registered
-autograd formula (a Triton launcher cannot take fake tensors): on CPU it runs the reference
-`read_backward_naive`, on CUDA the launchers. Inputs the kernels cannot take run the reference
+autograd formula (a Triton launcher cannot take fake tensors): on CPU it runs
+codegen/cpu/backward.py (active groups only), on CUDA the launchers. Inputs the kernels cannot take run the reference
 with a warning (codegen/fallback.py). The CPU forward kernel is codegen/cpu/read.py.
 """
 
@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..cpu.backward import read_backward_cpu
 from ..fallback import kernel_or_reference
 from .naive import read_backward_naive, read_naive
 
@@ -58,11 +59,18 @@ def _read_backward_cuda(grad, x, weight, has_bias, mask, alpha):
     return _pack(grads, has_bias, alpha is not None, x)
 
 
+@read_backward_op.register_kernel("cpu")
+def _read_backward_cpu(grad, x, weight, has_bias, mask, alpha):
+    return _pack(read_backward_cpu(grad, x, weight, has_bias, mask, alpha), has_bias, alpha is not None, x)
+
+
 @read_backward_op.register_fake
 def _read_backward_fake(grad, x, weight, has_bias, mask, alpha):
     grad_b = grad.new_empty(weight.shape[0]) if has_bias else grad.new_empty(0)
     grad_alpha = alpha.new_empty(alpha.shape) if alpha is not None else x.new_empty(0)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_b, grad_alpha
+    # CPU kernels return grad_w in the weight's layout (column-major readers, codegen/cpu/backward.py).
+    grad_w = torch.empty_like(weight) if weight.device.type == "cpu" else weight.new_empty(weight.shape)
+    return x.new_empty(x.shape), grad_w, grad_b, grad_alpha
 
 
 def read_backward(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mask: Tensor,

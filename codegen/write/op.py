@@ -26,15 +26,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.has_fusion = fusion is not None
     empty = u.new_empty(0)
+    # Without fusion the output is gates * z: the CPU backward reads z = out / gates from it
+    # instead of running the forward matmul again for the gates' gradient.
     ctx.save_for_backward(u, weight, bias if bias is not None else empty, gates,
-                          fusion if fusion is not None else empty)
+                          fusion if fusion is not None else empty, output if fusion is None else empty)
 
 
 def _backward(ctx, grad):
-    u, weight, bias, gates, fusion = ctx.saved_tensors
-    # A custom op (reference on CPU, Triton on CUDA) so that AOT autograd can trace this formula.
+    u, weight, bias, gates, fusion, out = ctx.saved_tensors
+    # A custom op (CPU kernel in codegen/cpu/backward.py, Triton on CUDA) that AOT autograd can trace.
     return write_backward(grad, u, weight, bias if ctx.has_bias else None, gates,
-                          fusion if ctx.has_fusion else None)
+                          fusion if ctx.has_fusion else None, ctx.needs_input_grad[3],
+                          out if not ctx.has_fusion else None)
 
 
 write.register_autograd(_backward, setup_context=_setup_context)

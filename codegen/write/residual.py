@@ -69,7 +69,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     u, weight, bias, gates, fusion = ctx.saved_tensors
     grads = write_backward(grad.to(u.dtype), u, weight, bias if ctx.has_bias else None, gates,
-                           fusion if ctx.has_fusion else None)
+                           fusion if ctx.has_fusion else None, ctx.needs_input_grad[3])
     return (*grads, grad.to(ctx.residual_dtype))
 
 
