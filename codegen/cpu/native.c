@@ -25,6 +25,11 @@
 
 enum { F32 = 0, BF16 = 1 };
 
+/* Below this many weight bytes a call runs on one thread: a parallel region costs a few microseconds,
+   and far more when another process holds a core (its barrier waits for the descheduled thread). */
+#define MIN_PARALLEL_BYTES (256.0 * 1024)
+#define MAX_WEIGHTS 16
+
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
@@ -128,10 +133,19 @@ typedef struct { int w; int64_t c0, n; } item_t;
 
 /* One call of mohdify::read / read_multi: outs[i] [T, O_i] = (sum over each token's active groups of
    x W_i^T) * alpha + b_i, for every weight i. Work items: column chunks of every weight, split over
-   the threads. Returns 0, or -1 when memory runs out. */
-int mohd_read(int T, int D, int N, const uint8_t *mask, const void *x, int dt, int nw, const void *const *ws,
-              const int64_t *lds, const int64_t *outs_n, const void *const *bs, const void *alpha, int adt,
-              void *const *outs, int nthreads) {
+   the threads. Returns 0, -1 when memory runs out, -2 for more than MAX_WEIGHTS weights. */
+int mohd_read(int T, int D, int N, const uint8_t *mask, const void *x, int dt, int nw, const int64_t *meta,
+              const void *alpha, int adt, int nthreads) {
+    /* meta: per weight i, 5 values: weight address, ld (stride of its dim 1), O_i, bias address or 0,
+       output address (one array, so the caller builds one ctypes object per call) */
+    const void *ws[MAX_WEIGHTS], *bs[MAX_WEIGHTS];
+    void *outs[MAX_WEIGHTS];
+    int64_t lds[MAX_WEIGHTS], outs_n[MAX_WEIGHTS];
+    if (nw > MAX_WEIGHTS) return -2;
+    for (int i = 0; i < nw; i++) {
+        ws[i] = (const void *)(intptr_t)meta[5 * i]; lds[i] = meta[5 * i + 1]; outs_n[i] = meta[5 * i + 2];
+        bs[i] = (const void *)(intptr_t)meta[5 * i + 3]; outs[i] = (void *)(intptr_t)meta[5 * i + 4];
+    }
     const int G = D / N;
     float *xf = (float *)malloc(sizeof(float) * (size_t)T * D);                 /* [T, D] fp32 */
     uint8_t *used = (uint8_t *)calloc((size_t)N, 1);                            /* [N] union */
@@ -147,8 +161,11 @@ int mohd_read(int T, int D, int N, const uint8_t *mask, const void *x, int dt, i
     item_t *items = (item_t *)malloc(sizeof(item_t) * (size_t)(nitems > 0 ? nitems : 1));
     if (!xf || !used || !items) { free(xf); free(used); free(items); return -1; }
     for (int64_t j = 0; j < (int64_t)T * D; j++) xf[j] = ld1(x, dt, j);
+    int nused = 0;
     for (int t = 0; t < T; t++)
         for (int g = 0; g < N; g++) used[g] |= mask[(int64_t)t * N + g];
+    for (int g = 0; g < N; g++) nused += used[g];
+    if ((double)total * nused * G * (dt == F32 ? 4 : 2) < MIN_PARALLEL_BYTES) nthreads = 1;
     int64_t m = 0;
     for (int i = 0; i < nw; i++)
         for (int64_t c0 = 0; c0 < outs_n[i]; c0 += chunk) {
@@ -224,6 +241,11 @@ int mohd_write(int T, int64_t I, int64_t Dout, int N, const void *u, int dt, con
     for (int64_t j = 0; j < (int64_t)T * I; j++) uf[j] = ld1(u, dt, j);
     for (int64_t j = 0; j < (int64_t)T * N; j++) gf[j] = ld1(gates, gdt, j);
     const int64_t rows_per = 16;
+    int64_t nused = 0;
+    for (int g = 0; g < N; g++)
+        for (int t = 0; t < T; t++)
+            if (gf[(int64_t)t * N + g] != 0.0f) { nused++; break; }
+    if ((double)nused * G * I * (dt == F32 ? 4 : 2) < MIN_PARALLEL_BYTES) nthreads = 1;
     const int64_t nblocks = (Dout + rows_per - 1) / rows_per;
     #pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nthreads > 1)
     for (int64_t blk = 0; blk < nblocks; blk++) {

@@ -42,6 +42,7 @@ __all__ = ["library", "read", "write", "calls", "reset", "DTYPES"]
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_WEIGHTS = 16                      # weights one read call takes (native.c)
 calls: Counter = Counter()            # "read" / "write": calls the native kernels ran
 
 _lock = threading.Lock()
@@ -90,7 +91,7 @@ def _build(cc: str) -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    lib.mohd_read.argtypes = [i32, i32, i32, p, p, i32, i32, p, p, p, p, p, i32, p, i32]
+    lib.mohd_read.argtypes = [i32, i32, i32, p, p, i32, i32, p, p, i32, i32]
     lib.mohd_read.restype = i32
     lib.mohd_write.argtypes = [i32, i64, i64, i32, p, i32, p, i64, p, p, i32, p, p, i32]
     lib.mohd_write.restype = i32
@@ -132,6 +133,11 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+def _column_major(w: Tensor) -> bool:
+    """`[O, K]` with element (o, k) at o + k * w.stride(1) (the stride of a size-1 dim does not matter)."""
+    return (w.stride(0) == 1 or w.shape[0] == 1) and w.stride(1) >= w.shape[0]
+
+
 def _dense_1d(t: Optional[Tensor], dtype) -> bool:
     return t is None or (t.dtype == dtype and t.is_contiguous())
 
@@ -141,22 +147,20 @@ def read(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], mask:
     """`[read(x, W_i, b_i, mask, alpha)]` in one native call, or None when it does not take the call.
     Inputs are checked by the caller (checks.py); x `[T, D]`, W_i `[O_i, D]` column-major."""
     dt = DTYPES.get(x.dtype)
-    if dt is None or not all(w.dtype == x.dtype and w.stride(0) == 1 and w.stride(1) >= w.shape[0] for w in weights) \
-            or not all(_dense_1d(b, x.dtype) for b in biases) or (alpha is not None and alpha.dtype not in DTYPES):
+    lib = _state.get("lib") if "lib" in _state else library()
+    if dt is None or lib is None or len(weights) > MAX_WEIGHTS or (alpha is not None and alpha.dtype not in DTYPES):
         return None
-    lib = library()
-    if lib is None:
-        return None
+    meta, outs = [], []
+    for w, b in zip(weights, biases):
+        if w.dtype != x.dtype or not _column_major(w) or not _dense_1d(b, x.dtype):
+            return None
+        outs.append(x.new_empty(x.shape[0], w.shape[0]))                      # [T, O_i]
+        meta += (w.data_ptr(), w.stride(1), w.shape[0], 0 if b is None else b.data_ptr(), outs[-1].data_ptr())
     x, mask = x.contiguous(), mask.contiguous()
     alpha = alpha.contiguous() if alpha is not None else None
-    outs = [x.new_empty(x.shape[0], w.shape[0]) for w in weights]             # [T, O_i]
-    n = len(weights)
-    arr = ctypes.c_void_p * n
-    status = lib.mohd_read(x.shape[0], x.shape[1], mask.shape[1], mask.data_ptr(), x.data_ptr(), dt, n,
-                           arr(*[w.data_ptr() for w in weights]), (ctypes.c_int64 * n)(*[w.stride(1) for w in weights]),
-                           (ctypes.c_int64 * n)(*[w.shape[0] for w in weights]), arr(*[_ptr(b) for b in biases]),
-                           _ptr(alpha), DTYPES.get(alpha.dtype, 0) if alpha is not None else 0,
-                           arr(*[o.data_ptr() for o in outs]), torch.get_num_threads())
+    status = lib.mohd_read(x.shape[0], x.shape[1], mask.shape[1], mask.data_ptr(), x.data_ptr(), dt, len(weights),
+                           (ctypes.c_int64 * len(meta))(*meta), _ptr(alpha),
+                           DTYPES[alpha.dtype] if alpha is not None else 0, torch.get_num_threads())
     if status != 0:
         raise MemoryError("mohdify::read (native CPU kernel): out of memory for its fp32 buffers")
     calls["read"] += 1
@@ -167,11 +171,11 @@ def write(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusi
           residual: Optional[Tensor]) -> Optional[Tensor]:
     """`write(u, W, b, gates)` (+ residual) in one native call, or None when it does not take the call."""
     dt = DTYPES.get(u.dtype)
-    if dt is None or fusion is not None or weight.dtype != u.dtype or weight.stride(1) != 1 \
-            or weight.stride(0) < weight.shape[1] or not _dense_1d(bias, u.dtype) or gates.dtype not in DTYPES \
+    if dt is None or fusion is not None or weight.dtype != u.dtype or not _column_major(weight.t()) \
+            or not _dense_1d(bias, u.dtype) or gates.dtype not in DTYPES \
             or (residual is not None and residual.dtype != u.dtype):
         return None
-    lib = library()
+    lib = _state.get("lib") if "lib" in _state else library()
     if lib is None:
         return None
     u, gates = u.contiguous(), gates.contiguous()
