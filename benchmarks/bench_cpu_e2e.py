@@ -49,7 +49,8 @@ DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DECODE_TARGET_FRAC = 0.9
 COLUMNS = [("provider", "provider", ""), ("delta", "delta", ".2f"), ("tok_per_s", "tok/s", ".2f"),
            ("decode_vs_dense", "decode vs dense", ".2f"), ("vs_dense_compiled", "vs dense compiled", ".2f"),
-           ("of_ideal", "of ideal (compiled)", ".0%"),
+           ("best_vs_dense_compiled", "(best)", ".2f"), ("of_ideal", "of ideal (compiled)", ".0%"),
+           ("of_ideal_best", "(best)", ".0%"),
            ("prefill_vs_dense", "prefill vs dense", ".2f"), ("params_gb", "params GB", ".2f"),
            ("miss", "target", "")]
 
@@ -154,6 +155,7 @@ def run_density(delta: float, shape: Shape, dense_provs: dict, mohd_model, args,
                    "params_gb": params_gb(models[model_name][0]), "tokens": [t[:16] for t in tokens[name]]}
             if "dense_compiled" in secs:
                 row["vs_dense_compiled"] = ratio(secs, name, "dense_compiled")
+                row["best_vs_dense_compiled"] = min(secs["dense_compiled"]) / min(secs[name])   # best of rounds
             if name.endswith("_eager") and pre:
                 row["prefill_vs_dense"] = ratio(pre, model_name, "dense")
                 row["prefill_seconds"] = pre[model_name]
@@ -162,6 +164,7 @@ def run_density(delta: float, shape: Shape, dense_provs: dict, mohd_model, args,
         if "mohd_backend" in by and "ideal_compiled" in by:
             r = by["mohd_backend"]
             r["of_ideal"] = ratio(secs, "mohd_backend", "ideal_compiled")
+            r["of_ideal_best"] = min(secs["ideal_compiled"]) / min(secs["mohd_backend"])
             gap = DECODE_TARGET_FRAC - r["of_ideal"]
             r["miss"] = "met" if gap <= 0 else f"{gap:.1%} short of 90%"
         r = by["mohd_eager"]

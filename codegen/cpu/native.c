@@ -22,6 +22,9 @@
 #ifdef __FMA__
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 enum { F32 = 0, BF16 = 1 };
 
@@ -29,6 +32,7 @@ enum { F32 = 0, BF16 = 1 };
    and far more when another process holds a core (its barrier waits for the descheduled thread). */
 #define MIN_PARALLEL_BYTES (256.0 * 1024)
 #define MAX_WEIGHTS 16
+#define PARTS 4           /* partial sums per reader call: work for up to 4 threads per weight */
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
@@ -129,80 +133,87 @@ static void axpy_group(float *acc, int64_t n, const float *xg, const void *w, in
     }
 }
 
-typedef struct { int w; int64_t c0, n; } item_t;
-
 /* One call of mohdify::read / read_multi: outs[i] [T, O_i] = (sum over each token's active groups of
-   x W_i^T) * alpha + b_i, for every weight i. Work items: column chunks of every weight, split over
-   the threads. Returns 0, -1 when memory runs out, -2 for more than MAX_WEIGHTS weights. */
+   x W_i^T) * alpha + b_i, for every weight i. The used groups are cut into PARTS consecutive parts;
+   a work item is (weight, part): in the column-major layout a run of whole contiguous [G, O_i]
+   blocks. Items are split over the threads by bytes; each part sums into its own fp32 accumulators,
+   which the epilogue adds up in part order. The arithmetic depends on neither the thread count nor
+   the other weights of the call (read_multi equals separate reads bit for bit). Returns 0, -1 when memory runs out, -2 for more
+   than MAX_WEIGHTS weights. */
 int mohd_read(int T, int D, int N, const uint8_t *mask, const void *x, int dt, int nw, const int64_t *meta,
               const void *alpha, int adt, int nthreads) {
     /* meta: per weight i, 5 values: weight address, ld (stride of its dim 1), O_i, bias address or 0,
        output address (one array, so the caller builds one ctypes object per call) */
     const void *ws[MAX_WEIGHTS], *bs[MAX_WEIGHTS];
     void *outs[MAX_WEIGHTS];
-    int64_t lds[MAX_WEIGHTS], outs_n[MAX_WEIGHTS];
+    int64_t lds[MAX_WEIGHTS], outs_n[MAX_WEIGHTS], off[MAX_WEIGHTS + 1];
     if (nw > MAX_WEIGHTS) return -2;
+    off[0] = 0;
     for (int i = 0; i < nw; i++) {
         ws[i] = (const void *)(intptr_t)meta[5 * i]; lds[i] = meta[5 * i + 1]; outs_n[i] = meta[5 * i + 2];
         bs[i] = (const void *)(intptr_t)meta[5 * i + 3]; outs[i] = (void *)(intptr_t)meta[5 * i + 4];
+        off[i + 1] = off[i] + outs_n[i];
     }
     const int G = D / N;
+    const int64_t total = off[nw];                                              /* columns of all weights */
     float *xf = (float *)malloc(sizeof(float) * (size_t)T * D);                 /* [T, D] fp32 */
-    uint8_t *used = (uint8_t *)calloc((size_t)N, 1);                            /* [N] union */
-    int64_t total = 0;
-    for (int i = 0; i < nw; i++) total += outs_n[i];
-    /* chunk: about 2 items per thread, at most 6144 / T columns (the fp32 accumulators stay in L1) */
-    int64_t chunk = (total + 2 * nthreads - 1) / (2 * nthreads);
-    int64_t cap = 6144 / (T > 0 ? T : 1);
-    chunk = chunk > cap ? cap : chunk;
-    chunk = ((chunk + 63) / 64) * 64;
-    int64_t nitems = 0;
-    for (int i = 0; i < nw; i++) nitems += (outs_n[i] + chunk - 1) / chunk;
-    item_t *items = (item_t *)malloc(sizeof(item_t) * (size_t)(nitems > 0 ? nitems : 1));
-    if (!xf || !used || !items) { free(xf); free(used); free(items); return -1; }
+    int *groups = (int *)malloc(sizeof(int) * (size_t)N);                       /* used groups */
+    if (!xf || !groups) { free(xf); free(groups); return -1; }
     for (int64_t j = 0; j < (int64_t)T * D; j++) xf[j] = ld1(x, dt, j);
     int nused = 0;
-    for (int t = 0; t < T; t++)
-        for (int g = 0; g < N; g++) used[g] |= mask[(int64_t)t * N + g];
-    for (int g = 0; g < N; g++) nused += used[g];
-    if ((double)total * nused * G * (dt == F32 ? 4 : 2) < MIN_PARALLEL_BYTES) nthreads = 1;
-    int64_t m = 0;
-    for (int i = 0; i < nw; i++)
-        for (int64_t c0 = 0; c0 < outs_n[i]; c0 += chunk) {
-            items[m].w = i; items[m].c0 = c0;
-            items[m].n = outs_n[i] - c0 < chunk ? outs_n[i] - c0 : chunk;
-            m++;
-        }
-    int failed = 0;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if (nthreads > 1 && nitems > 1)
-    for (int64_t j = 0; j < nitems; j++) {
-        const item_t it = items[j];
-        const void *w = ws[it.w];
-        const int64_t ld = lds[it.w], n = it.n;
-        float *acc = (float *)calloc((size_t)T * n, sizeof(float));             /* [T, n] */
-        if (!acc) { failed = 1; continue; }
-        for (int g = 0; g < N; g++) {
-            if (!used[g]) continue;
-            for (int t = 0; t < T; t++)
-                if (mask[(int64_t)t * N + g])
-                    axpy_group(acc + (int64_t)t * n, n, xf + (int64_t)t * D + (int64_t)g * G,
-                               (const char *)w + it.c0 * (dt == F32 ? 4 : 2), dt, ld, (int64_t)g * G, G);
-        }
-        const void *b = bs[it.w];
-        void *o = outs[it.w];
-        for (int t = 0; t < T; t++) {
-            const float a = alpha ? ld1(alpha, adt, t) : 1.0f;
-            for (int64_t c = 0; c < n; c++) {
-                float v = acc[(int64_t)t * n + c];
-                if (alpha) v = v * a;
-                if (b) v = v + ld1(b, dt, it.c0 + c);
-                st1(o, dt, (int64_t)t * outs_n[it.w] + it.c0 + c, v);
+    for (int g = 0; g < N; g++) {
+        int any = 0;
+        for (int t = 0; t < T; t++) any |= mask[(int64_t)t * N + g];
+        if (any) groups[nused++] = g;
+    }
+    const double bytes = (double)total * nused * G * (dt == F32 ? 4 : 2);
+    if (bytes < MIN_PARALLEL_BYTES || nused * nw < 2) nthreads = 1;
+    const int nparts = nused < PARTS ? (nused > 0 ? nused : 1) : PARTS;
+    const int per_part = (nused + nparts - 1) / nparts;                          /* used groups per part */
+    float *accs = (float *)calloc((size_t)nparts * T * total, sizeof(float));    /* [parts, T, total] */
+    if (!accs) { free(xf); free(groups); return -1; }
+    const int64_t nitems = (int64_t)nw * nparts;                               /* item j: weight j / nparts */
+    #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+        int tid = 0, nth = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num(); nth = omp_get_num_threads();
+#endif
+        /* items whose first byte lies in this thread's share of all bytes */
+        double lo = bytes * tid / nth, hi = bytes * (tid + 1) / nth, at = 0;
+        for (int64_t j = 0; j < nitems; j++) {
+            const int i = (int)(j / nparts), p = (int)(j % nparts);
+            const int g0 = p * per_part, g1 = g0 + per_part < nused ? g0 + per_part : nused;
+            const int mine = at >= lo && at < hi;
+            at += (double)outs_n[i] * G * (g1 - g0) * (dt == F32 ? 4 : 2);
+            if (!mine) continue;
+            float *acc = accs + (int64_t)p * T * total;
+            for (int q = g0; q < g1; q++) {
+                const int g = groups[q];
+                for (int t = 0; t < T; t++)
+                    if (mask[(int64_t)t * N + g])
+                        axpy_group(acc + (int64_t)t * total + off[i], outs_n[i],
+                                   xf + (int64_t)t * D + (int64_t)g * G, ws[i], dt, lds[i], (int64_t)g * G, G);
             }
         }
-        free(acc);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (int64_t c = 0; c < total; c++) {
+            int i = 0;
+            while (c >= off[i + 1]) i++;
+            const int64_t col = c - off[i];
+            const float bias = bs[i] ? ld1(bs[i], dt, col) : 0.0f;
+            for (int t = 0; t < T; t++) {
+                float v = 0.0f;
+                for (int h = 0; h < nparts; h++) v += accs[((int64_t)h * T + t) * total + c];
+                if (alpha) v = v * ld1(alpha, adt, t);
+                if (bs[i]) v = v + bias;
+                st1(outs[i], dt, (int64_t)t * outs_n[i] + col, v);
+            }
+        }
     }
-    free(xf); free(used); free(items);
-    return failed ? -1 : 0;
+    free(xf); free(groups); free(accs);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- writer */
