@@ -153,25 +153,25 @@ def build_model(impl: str, shape: Shape, *, dim: Optional[int] = None, device: s
 
 
 class Decoder:
-    """Greedy batch-1 decoding with a static KV cache of `length` positions.
+    """Greedy decoding of `batch` sequences with a static KV cache of `length` positions.
 
-    `step(ids [1, T], pos [T]) -> next token [1, 1]` runs the model on T tokens at positions `pos`
+    `step(ids [B, T], pos [T]) -> next tokens [B, 1]` runs the model on T tokens at positions `pos`
     (writing their keys / values into the cache) and takes the argmax of the last logits. The prefill
     calls it eagerly; the decode loop calls `compile(...)`'s compiled step, one token at a time.
     """
 
-    def __init__(self, model: nn.Module, impl: str, length: int):
+    def __init__(self, model: nn.Module, impl: str, length: int, batch: int = 1):
         self.model, self.impl, self.length = model, impl, length
         param = next(model.parameters())
         if impl == "lite":
-            self.cache = KVCache(model.config, 1, length, device=param.device, dtype=param.dtype)
+            self.cache = KVCache(model.config, batch, length, device=param.device, dtype=param.dtype)
             return
         from transformers import StaticCache
 
         wants = inspect.signature(StaticCache.__init__).parameters
         kwargs = {"config": model.config, "max_cache_len": length}
         # transformers 4.4x takes batch size, device and dtype; 5.x allocates lazily on first use.
-        optional = {"max_batch_size": 1, "batch_size": 1, "device": param.device, "dtype": param.dtype}
+        optional = {"max_batch_size": batch, "batch_size": batch, "device": param.device, "dtype": param.dtype}
         kwargs.update({k: v for k, v in optional.items() if k in wants})
         self.cache = StaticCache(**kwargs)
         forward = inspect.signature(model.forward).parameters
@@ -179,7 +179,7 @@ class Decoder:
         self.pass_cache_position = "cache_position" in forward
 
     def logits(self, ids: Tensor, pos: Tensor) -> Tensor:
-        """`[1, T, V]` logits of `ids` at positions `pos`, through the cache."""
+        """`[B, T, V]` logits of `ids` at positions `pos`, through the cache."""
         if self.impl == "lite":
             return self.model(ids, cache=self.cache, pos=pos)
         kwargs = {self.cache_kw: self.cache, "use_cache": True, "position_ids": pos[None]}
@@ -188,10 +188,10 @@ class Decoder:
         return self.model(input_ids=ids, **kwargs).logits
 
     def step(self, ids: Tensor, pos: Tensor) -> Tensor:
-        return self.logits(ids, pos)[:, -1].argmax(-1, keepdim=True)                   # [1, 1]
+        return self.logits(ids, pos)[:, -1].argmax(-1, keepdim=True)                   # [B, 1]
 
     def generate(self, step_fn, prompt: Tensor, new_tokens: int, *, cuda_graphs: bool) -> tuple[Tensor, float]:
-        """(tokens [1, new_tokens + 1], seconds of the `new_tokens` decode steps). The prefill (eager,
+        """(tokens [B, new_tokens + 1], seconds of the `new_tokens` decode steps). The prefill (eager,
         it gives the first token) is not timed; on CUDA the clock is read after a synchronize."""
         self.cache.reset()
         p = prompt.shape[1]
@@ -199,7 +199,7 @@ class Decoder:
             raise ValueError(f"prompt {p} + new tokens {new_tokens} exceed the cache length {self.length}")
         cuda = prompt.is_cuda
         with torch.no_grad():
-            tok = self.step(prompt, torch.arange(p, device=prompt.device))           # [1, 1]
+            tok = self.step(prompt, torch.arange(p, device=prompt.device))           # [B, 1]
             positions = torch.arange(p, p + new_tokens, device=prompt.device)         # [n]
             out = [tok]
             if cuda:

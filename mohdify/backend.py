@@ -116,8 +116,15 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str, m
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    from mohdify.codegen.route.naive import route_naive
     patches = list_mode_options(mode) if mode else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    # Routing (top-k of <= a few dozen scores per token) is compiled into the graph's own code rather
+    # than called as the mohdify::route custom op: at decode the op's per-call cost (~0.1 ms) was
+    # several percent of a step (codegen/README.md). The readers and writers stay custom-op calls.
+    decompositions = {**select_decomp_table(), torch.ops.mohdify.route.default: route_naive}
+    return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
 
 
 def _fuse(gm: fx.GraphModule, counts) -> None:

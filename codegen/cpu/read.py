@@ -8,6 +8,9 @@ matmul takes strided blocks), only slower at decode (codegen/README.md has the m
 
 bf16 / fp16: partial products of several runs are summed in fp32, rounded once at the end.
 
+Decode (T <= DECODE_MAX_TOKENS) runs the native kernel (`native.py`: all weights of the call in one C
+call) where it is available and takes the inputs; the torch loop below is its fallback.
+
 Shape legend: T = tokens, D = in_features = N * G, O = out_features, N = groups, G = group size.
 """
 
@@ -19,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .checks import check_reader
-from .plan import GroupPlan, plan_groups, runs
+from .plan import DECODE_MAX_TOKENS, GroupPlan, plan_groups, runs
 
 __all__ = ["read_cpu", "read_multi_cpu"]
 
@@ -105,6 +109,8 @@ def read_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, al
     group_size = check_reader("mohdify::read", x, weight, bias, mask, alpha)
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[0])
+    if x.shape[0] <= DECODE_MAX_TOKENS and (ys := native.read(x, [weight], [bias], mask, alpha)) is not None:
+        return ys[0]                                                          # [T, O], one native call
     plan = plan_groups(mask, x.dtype, "read", group_size)
     xm = _masked_input(x, mask, plan, group_size) if plan.path != "grouped" else None
     return _read_one(x, xm, weight, bias, mask, alpha, plan, group_size)
@@ -119,6 +125,8 @@ def read_multi_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tenso
         group_size = check_reader("mohdify::read_multi", x, w, b, mask, alpha)
     if x.shape[0] == 0:
         return [x.new_zeros(0, w.shape[0]) for w in weights]
+    if x.shape[0] <= DECODE_MAX_TOKENS and (ys := native.read(x, weights, biases, mask, alpha)) is not None:
+        return ys                                                             # one native call for all weights
     plan = plan_groups(mask, x.dtype, "read", group_size)
     xm = _masked_input(x, mask, plan, group_size) if plan.path != "grouped" else None
     return [_read_one(x, xm, w, b, mask, alpha, plan, group_size) for w, b in zip(weights, biases)]

@@ -6,6 +6,9 @@ consecutive active groups reads exactly the active rows, writes them into their 
 output, and the gates, fusion and residual follow on the `[T, D]` result (cheap next to the
 weight reads). Rows of groups that no token uses are zero and their weights are never read.
 
+Decode (T <= DECODE_MAX_TOKENS) runs the native kernel (`native.py`: the rows, bias, gates and
+residual in one C call) where it is available and takes the inputs; the torch loop is its fallback.
+
 Shape legend: T = tokens, I = in_features, D = out_features = N * G, N = groups, G = group size.
 """
 
@@ -17,8 +20,9 @@ import torch
 from torch import Tensor
 
 from ..write.naive import write_naive
+from . import native
 from .checks import check_writer
-from .plan import GroupPlan, plan_groups, runs
+from .plan import DECODE_MAX_TOKENS, GroupPlan, plan_groups, runs
 
 __all__ = ["write_cpu", "write_add_cpu"]
 
@@ -72,6 +76,8 @@ def _write_grouped(u, weight, bias, gates, fusion, plan: GroupPlan, group_size: 
 def write_cpu(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor]) -> Tensor:
     """CPU kernel of `mohdify::write`, `[T, I]` -> `[T, D]`; equals `write_naive` (module docstring)."""
     group_size = check_writer("mohdify::write", u, weight, bias, gates, fusion)
+    if 0 < u.shape[0] <= DECODE_MAX_TOKENS and (o := native.write(u, weight, bias, gates, fusion, None)) is not None:
+        return o                                                              # [T, D], one native call
     return _write(u, weight, bias, gates, fusion, group_size)
 
 
@@ -89,6 +95,9 @@ def _write(u, weight, bias, gates, fusion, group_size: int) -> Tensor:
 def write_add_cpu(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor],
                   residual: Tensor) -> Tensor:
     """CPU kernel of `mohdify::write_add`: `write_cpu(...) + residual`, bit for bit the separate ops
-    (the add over `[T, D]` is cheap next to the weight reads; fusing it would change rounding)."""
+    (the native decode kernel adds the residual after rounding the write, as the separate add does)."""
     group_size = check_writer("mohdify::write_add", u, weight, bias, gates, fusion, residual)
+    if 0 < u.shape[0] <= DECODE_MAX_TOKENS and \
+            (o := native.write(u, weight, bias, gates, fusion, residual)) is not None:
+        return o                                                              # [T, D], the add in the same call
     return _write(u, weight, bias, gates, fusion, group_size) + residual      # [T, D]

@@ -24,7 +24,7 @@ def route_naive(scores: Tensor, shared_idx: Tensor, routed_idx: Tensor, top_k: i
     num_groups = shared_idx.numel() + routed_idx.numel()                      # N
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [T, N_r]
     topk = order[:, :top_k].contiguous()                                      # [T, k]
+    # out-of-place ops: the torch.compile backend also uses this function as the op's decomposition
     mask = torch.zeros(num_tokens, num_groups, dtype=torch.bool, device=scores.device)  # [T, N]
-    mask[:, shared_idx] = True                                                # [T, N]
-    mask.scatter_(1, routed_idx[topk], True)                                  # [T, N]
-    return mask, topk
+    mask = mask.index_fill(1, shared_idx, True)                               # [T, N]
+    return mask.scatter(1, routed_idx[topk], True), topk                      # [T, N], [T, k]

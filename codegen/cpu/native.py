@@ -1,0 +1,190 @@
+"""The native decode kernels (native.c): built at first use, cached on disk, called through ctypes.
+
+Decode (T <= 16 tokens) on CPU is bound by reading weights, and the torch path pays a fixed cost per
+call on top (a host-side plan, a zeroed buffer, one torch call per run of groups, the gate multiply).
+`native.c` does a whole op in one C call: every weight of a `read_multi`, or a write with its bias,
+gates and residual, with fp32 accumulation over fp32 or bf16 weights, threads over output chunks
+(OpenMP, torch's thread count). codegen/README.md has the measurements behind it.
+
+Build: `cc -O3 -march=native -fopenmp -ffp-contract=off -shared` (about a second: plain C, no torch
+headers), once per machine, into `$MOHDIFY_CACHE` (default `~/.cache/mohdify`) under a key of the
+source, the flags, the compiler and the CPU; later processes load the cached library. Where no C
+compiler exists or the build fails, `library()` warns once and returns None, and the kernels run the
+torch path (same numbers up to fp32 summation order). `MOHDIFY_NATIVE=0` turns it off without a
+warning.
+
+Which calls it takes (`read` / `write` return None otherwise and the caller runs the torch path):
+fp32 or bf16, all tensors of one dtype, reader weights column-major (strides (1, >= O), the layout
+mohdify gives CPU readers), writer weights row-major, no writer fusion matrix. `calls` counts the
+calls it ran, per op kind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["library", "read", "write", "calls", "reset", "DTYPES"]
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+MAX_WEIGHTS = 16                      # weights one read call takes (native.c)
+calls: Counter = Counter()            # "read" / "write": calls the native kernels ran
+
+_lock = threading.Lock()
+_state: dict = {}                     # "lib": CDLL or None once tried; "why": the reason it is None
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU model and flags (a cache shared by machines stays valid)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MOHDIFY_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                           os.path.expanduser("~/.cache"), "mohdify")
+    return Path(root)
+
+
+def _build(cc: str) -> Path:
+    """The cached library's path, compiling it first if it is not there; raises on failure."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_key()]).encode())
+    target = _cache_dir() / f"mohd_native_{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-800:]}")
+        os.replace(out, target)                                               # atomic: concurrent builds agree
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.mohd_read.argtypes = [i32, i32, i32, p, p, i32, i32, p, p, i32, i32]
+    lib.mohd_read.restype = i32
+    lib.mohd_write.argtypes = [i32, i64, i64, i32, p, i32, p, i64, p, p, i32, p, p, i32]
+    lib.mohd_write.restype = i32
+    return lib
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The native library, built or loaded on the first call; None (one warning) where it cannot be."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib, why = None, None
+        if os.environ.get("MOHDIFY_NATIVE", "1") == "0":
+            why = "MOHDIFY_NATIVE=0"
+        elif (cc := _compiler()) is None:
+            why = "no C compiler found (cc, gcc, clang or $CC)"
+        else:
+            try:
+                lib = _load(_build(cc))
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                why = f"building {SOURCE.name} failed: {err}"
+        if lib is None and why != "MOHDIFY_NATIVE=0":
+            warnings.warn(f"mohdify: the native CPU decode kernels are not available ({why}); the MoHD ops run "
+                          "their torch path on CPU (same results, slower decode). MOHDIFY_NATIVE=0 silences this.",
+                          RuntimeWarning, stacklevel=2)
+        _state.update(lib=lib, why=why)
+        return lib
+
+
+def reset() -> None:
+    """Forget the loaded library (tests: simulate a machine without a compiler, then come back)."""
+    with _lock:
+        _state.clear()
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _column_major(w: Tensor) -> bool:
+    """`[O, K]` with element (o, k) at o + k * w.stride(1) (the stride of a size-1 dim does not matter)."""
+    return (w.stride(0) == 1 or w.shape[0] == 1) and w.stride(1) >= w.shape[0]
+
+
+def _dense_1d(t: Optional[Tensor], dtype) -> bool:
+    return t is None or (t.dtype == dtype and t.is_contiguous())
+
+
+def read(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], mask: Tensor,
+         alpha: Optional[Tensor]) -> Optional[list[Tensor]]:
+    """`[read(x, W_i, b_i, mask, alpha)]` in one native call, or None when it does not take the call.
+    Inputs are checked by the caller (checks.py); x `[T, D]`, W_i `[O_i, D]` column-major."""
+    dt = DTYPES.get(x.dtype)
+    lib = _state.get("lib") if "lib" in _state else library()
+    if dt is None or lib is None or len(weights) > MAX_WEIGHTS or (alpha is not None and alpha.dtype not in DTYPES):
+        return None
+    meta, outs = [], []
+    for w, b in zip(weights, biases):
+        if w.dtype != x.dtype or not _column_major(w) or not _dense_1d(b, x.dtype):
+            return None
+        outs.append(x.new_empty(x.shape[0], w.shape[0]))                      # [T, O_i]
+        meta += (w.data_ptr(), w.stride(1), w.shape[0], 0 if b is None else b.data_ptr(), outs[-1].data_ptr())
+    x, mask = x.contiguous(), mask.contiguous()
+    alpha = alpha.contiguous() if alpha is not None else None
+    status = lib.mohd_read(x.shape[0], x.shape[1], mask.shape[1], mask.data_ptr(), x.data_ptr(), dt, len(weights),
+                           (ctypes.c_int64 * len(meta))(*meta), _ptr(alpha),
+                           DTYPES[alpha.dtype] if alpha is not None else 0, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("mohdify::read (native CPU kernel): out of memory for its fp32 buffers")
+    calls["read"] += 1
+    return outs
+
+
+def write(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor],
+          residual: Optional[Tensor]) -> Optional[Tensor]:
+    """`write(u, W, b, gates)` (+ residual) in one native call, or None when it does not take the call."""
+    dt = DTYPES.get(u.dtype)
+    if dt is None or fusion is not None or weight.dtype != u.dtype or not _column_major(weight.t()) \
+            or not _dense_1d(bias, u.dtype) or gates.dtype not in DTYPES \
+            or (residual is not None and residual.dtype != u.dtype):
+        return None
+    lib = _state.get("lib") if "lib" in _state else library()
+    if lib is None:
+        return None
+    u, gates = u.contiguous(), gates.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    out = u.new_empty(u.shape[0], weight.shape[0])                            # [T, D]
+    status = lib.mohd_write(u.shape[0], u.shape[1], weight.shape[0], gates.shape[1], u.data_ptr(), dt,
+                            weight.data_ptr(), weight.stride(0), _ptr(bias), gates.data_ptr(), DTYPES[gates.dtype],
+                            _ptr(residual), out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("mohdify::write (native CPU kernel): out of memory for its fp32 buffers")
+    calls["write"] += 1
+    return out
