@@ -14,7 +14,10 @@ from .errors import CaptureError, ConfigError, InputError, MohdifyError, Unsuppo
 from .expand import expand, expand_config, expansion_mohd_config
 from .flow import Flow, flow, flow_from_activations
 from .plan import Branch, Plan
-from .saving import from_pretrained
+from .saving import HAS_TRANSFORMERS, from_pretrained
+
+if HAS_TRANSFORMERS:   # registers quant_method "mohd": transformers' from_pretrained loads MoHD models
+    from . import hf_quantizer  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ from .errors import ConfigError, MohdifyError, UnsupportedModelError
 from .modules import MoHDWriter
 from .plan import Plan, untrained_router_note
 from .routing import Routing
-from .saving import forget_rewrite, record_rewrite
+from .saving import check_recordable, forget_rewrite, record_rewrite
 
 __all__ = ["explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "trace_routing"]
 
@@ -108,6 +108,7 @@ def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_in
     """
     _check_model(model, "mohdify")
     config = _check_config(config)
+    check_recordable(model)
     plan = _plan(model, example_inputs, config, filter_fn, "mohdify")
     if not plan.branches:
         reasons = "\n".join(f"  {n}: {w}" for n, w in plan.skipped) or "  (no linear layers)"
