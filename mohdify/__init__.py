@@ -10,6 +10,7 @@
 from .api import aux_loss, branches, demohdify, explain, graph, mohdify, trace_routing
 from .calibrate import calibrate
 from .config import MoHDConfig
+from .distributed import contiguous
 from .errors import CaptureError, ConfigError, InputError, MohdifyError, UnsupportedModelError
 from .expand import expand, expand_config, expansion_mohd_config
 from .flow import Flow, flow, flow_from_activations
@@ -24,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "MoHDConfig", "Plan", "Branch", "explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "calibrate",
     "from_pretrained", "trace_routing", "expand", "expand_config", "expansion_mohd_config", "flow", "Flow",
-    "flow_from_activations",
+    "flow_from_activations", "contiguous",
     "MohdifyError", "ConfigError", "InputError", "CaptureError", "UnsupportedModelError",
 ]
