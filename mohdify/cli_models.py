@@ -21,7 +21,8 @@ from torch import nn
 from .errors import InputError
 
 __all__ = ["NAMED_CONFIGS", "Loaded", "load_model", "text_ids", "example_ids", "decode_speed", "evaluate_text",
-           "DecodeSpeed", "TextScore"]
+           "DecodeSpeed", "TextScore",
+           "byte_tokenizer"]
 
 # name -> (transformers config class, its arguments); vocabulary 256 so that plain UTF-8 bytes are tokens
 NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
@@ -41,7 +42,7 @@ NAMED_CONFIGS: dict[str, tuple[str, dict]] = {
 class Loaded:
     model: nn.Module
     source: str                  # what was loaded, in words
-    tokenizer: Any = None        # None: the text is read as UTF-8 bytes (ids 0..255)
+    tokenizer: Any = None        # None: the text is read as UTF-8 bytes (ids 0..255), as byte_tokenizer() does
 
 
 def load_model(spec: str, *, causal: bool = True, seed: int = 0) -> Loaded:
@@ -59,7 +60,21 @@ def load_model(spec: str, *, causal: bool = True, seed: int = 0) -> Loaded:
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    return Loaded(model, f"{type(model).__name__} built from the named config {spec!r} (random weights, seed {seed})")
+    return Loaded(model, f"{type(model).__name__} built from the named config {spec!r} (random weights, seed {seed})",
+                  byte_tokenizer())
+
+
+def byte_tokenizer() -> Any:
+    """A tokenizer whose ids are the text's UTF-8 bytes (id = byte value; byte 0 doubles as end of text),
+    saved with the named configs so that tools loading by path (lm-eval, pipelines) can read text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    alphabet = bytes_to_unicode()                                            # byte -> printable char
+    tok = Tokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0], pad_token=alphabet[0])
 
 
 def _tokenizer(path: str) -> Any:
