@@ -15,10 +15,11 @@ from mohdify.passes.capture import normalize_inputs
 
 from .config import MoHDConfig
 from .errors import ConfigError, MohdifyError, UnsupportedModelError
-from .modules import MoHDWriter
+from .guards import check_filter_fn, mark_demohdified, warn_once
+from .modules import MoHDLinear, MoHDWriter
 from .plan import Plan, untrained_router_note
 from .routing import Routing
-from .saving import forget_rewrite, record_rewrite
+from .saving import check_recordable, forget_rewrite, record_rewrite
 
 __all__ = ["explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "trace_routing"]
 
@@ -64,6 +65,7 @@ def explain(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig] 
 
 
 def _plan(model: nn.Module, example_inputs: Any, config: MoHDConfig, filter_fn, called: str) -> Plan:
+    check_filter_fn(filter_fn)
     if is_mohdified(model):
         raise UnsupportedModelError(
             f"{called}() got a model that is already mohdified ({type(model).__name__} has "
@@ -77,10 +79,11 @@ def _plan(model: nn.Module, example_inputs: Any, config: MoHDConfig, filter_fn, 
 
 
 def warn_untrained_router(config: MoHDConfig, called: str) -> None:
-    """Warn (UserWarning) when `config` routes with a learned router that is still untrained."""
+    """Warn (UserWarning, once per process and config) when `config` routes with a learned router
+    that is still untrained."""
     note = untrained_router_note(config)
     if note:
-        warnings.warn(f"mohdify.{called}(): {note}", UserWarning, stacklevel=3)
+        warn_once(f"mohdify.{called}(): {note}", key=note, stacklevel=3)
 
 
 def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_inputs: Any,
@@ -108,6 +111,7 @@ def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_in
     """
     _check_model(model, "mohdify")
     config = _check_config(config)
+    check_recordable(model)
     plan = _plan(model, example_inputs, config, filter_fn, "mohdify")
     if not plan.branches:
         reasons = "\n".join(f"  {n}: {w}" for n, w in plan.skipped) or "  (no linear layers)"
@@ -190,7 +194,9 @@ def demohdify(model: nn.Module) -> nn.Module:
     _check_model(model, "demohdify")
     if not is_mohdified(model):
         raise UnsupportedModelError(f"{type(model).__name__} is not mohdified: there is nothing to undo.")
+    put_back = [p for m in model.modules() if isinstance(m, MoHDLinear) for p in (m.weight, m.bias) if p is not None]
     remove_mohd(model)
+    mark_demohdified(put_back)   # a compiled wrapper that recompiles it runs it dense (mohdify/guards.py)
     forget_rewrite(model)
     if "mohd_plan" in model.__dict__:
         del model.__dict__["mohd_plan"]

@@ -44,6 +44,7 @@ from torch import fx
 
 from mohdify.config import MoHDConfig
 from mohdify.errors import ConfigError
+from mohdify.guards import from_demohdified_model, warn_once
 from mohdify.passes.fuse import fuse_graph
 from mohdify.passes.rewrite import rewrite_graph
 from mohdify.passes.targets import mohd_op_nodes
@@ -99,6 +100,10 @@ def backend_config(options: Optional[dict] = None) -> tuple[MoHDConfig, str]:
 @functools.cache   # once per process and setting, not once per graph
 def _warn_defaults(num_groups: int, num_shared: int, top_k: int, scaling: str) -> None:
     density = (num_shared + top_k) / num_groups
+    warn_once(f"mohd backend: torch.compile(model, backend='mohd') got no options, so it rewrote a dense model with "
+              f"magnitude routing at density {density:.3f} (num_groups={num_groups}, num_shared={num_shared}, "
+              f"top_k={top_k}): its outputs change. Pass options={{'num_groups': ..., 'num_shared': ..., "
+              "'top_k': ...}, or use another backend to leave MoHD out.", stacklevel=5)
     log.warning(
         "mohd backend: torch.compile(model, backend='mohd') got no options, so it rewrites this dense model with "
         "the defaults: magnitude routing (training-free), num_groups=%d, num_shared=%d, top_k=%d, scaling=%r, "
@@ -158,6 +163,13 @@ def mohd_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: 
             _fuse(gm, counts)
         return _compile(gm, example_inputs, compiler, mode)
     counts["dense_graphs"] += 1
+    if not any(k in (options or {}) for k in CONFIG_OPTIONS) and from_demohdified_model(example_inputs):
+        counts["demohdified_graphs"] += 1
+        warn_once("mohd backend: this dense graph belongs to a model that mohdify.demohdify() made dense again (a "
+                  "torch.compile wrapper made before demohdify recompiles it); it is compiled unchanged, without "
+                  "MoHD. Pass options={'num_groups': ..., 'num_shared': ..., 'top_k': ...} to rewrite it here, or "
+                  "call mohdify.mohdify() again.", stacklevel=2)
+        return _compile(gm, example_inputs, compiler, mode)
     try:
         report = rewrite_graph(gm, config)
     except ConfigError as e:

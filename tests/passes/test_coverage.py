@@ -197,8 +197,10 @@ def test_capture_does_not_depend_on_what_was_captured_before():
     assert {b.name: (b.readers, b.writer) for b in plan.branches} == branches_of("h.{i}")
 
 
-def test_untrained_learned_router_warns_once_per_call():
-    """Case 5: explain() and mohdify() say what an untrained learned router does."""
+def test_untrained_learned_router_warns_once():
+    """Case 5: explain() and mohdify() say what an untrained learned router does, once per process."""
+    from mohdify.guards import reset_warn_once
+    reset_warn_once()
     model, inputs = ZOO["nanogpt"].build()
     sparse = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1)
     with pytest.warns(UserWarning, match=r"^mohdify\.explain\(\): router='learned' starts untrained") as got:
@@ -206,6 +208,7 @@ def test_untrained_learned_router_warns_once_per_call():
     assert len([w for w in got if "starts untrained" in str(w.message)]) == 1
     assert "every token gets the same 1 of the 3 routed groups" in str(got[0].message)
     assert "router='magnitude'" in str(got[0].message) and "\nnote: router='learned' starts untrained" in str(plan)
+    reset_warn_once()
     with pytest.warns(UserWarning) as got:
         mohdify.mohdify(model, sparse, example_inputs=inputs)
     assert [str(w.message)[:19] for w in got if "starts untrained" in str(w.message)] == ["mohdify.mohdify(): "]
