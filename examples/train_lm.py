@@ -9,7 +9,9 @@
 Byte-level (vocabulary 256), validation in bits per byte on held-out whole books (see corpora.py),
 the balance loss `mohdify.aux_loss` added for the learned router, a tqdm bar with loss and tokens/s,
 a resumable checkpoint, a JSON of metrics (config, seed, history, final validation bits per byte,
-routing health, wall time, the exact command) and a loss-curve PNG. Deterministic for a seed: the
+routing health, wall time, the exact command, the git commit, versions, machine and threads) and a loss-curve
+PNG. The training figure is an exponential moving average (`train_bpb_ema`, factor 0.95), named as such; wall
+time is not a speed figure when other processes share (or pause) the machine. Deterministic for a seed: the
 weights come from torch.manual_seed(seed) and batch i's offsets from a generator seeded by (seed, i).
 """
 
@@ -28,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpora import load_corpus  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 import mohdify  # noqa: E402
 
@@ -154,7 +157,8 @@ def save_plot(history: list, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
-    tr = [(h["step"], h["train_bpb"]) for h in history if "train_bpb" in h]
+    tr = [(h["step"], h.get("train_bpb_ema", h.get("train_bpb"))) for h in history
+          if "train_bpb_ema" in h or "train_bpb" in h]
     va = [(h["step"], h["val_bpb"]) for h in history if "val_bpb" in h]
     if tr:
         ax.plot(*zip(*tr), label="train (smoothed)", lw=1)
@@ -178,7 +182,9 @@ def train(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     ckpt = args.checkpoint or args.out.with_suffix(".ckpt")
-    state = {"step": 0, "history": [], "elapsed": 0.0, "ema": None}
+    for folder in {args.out.parent, ckpt.parent}:
+        folder.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "history": [], "elapsed": 0.0, "ema": None, "provenance": []}
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         same = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
@@ -189,8 +195,9 @@ def train(args: argparse.Namespace) -> dict:
                              "remove it or pass the same arguments.")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        state = saved["state"]
+        state = {"provenance": [], **saved["state"]}
         print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+    state["provenance"].append({"from_step": state["step"], **provenance(args.threads)})
     val_windows = validation_windows(val_data, args.eval_windows, args.context)
     tokens_per_step = args.batch * args.context
     from tqdm import tqdm
@@ -214,14 +221,15 @@ def train(args: argparse.Namespace) -> dict:
         bpb = loss.item() / math.log(2)
         state["ema"] = bpb if state["ema"] is None else 0.95 * state["ema"] + 0.05 * bpb
         done = step + 1
-        entry = {"step": done, "train_bpb": round(state["ema"], 5)}
+        entry = {"step": done, "train_bpb_ema": round(state["ema"], 5)}
         if aux_value is not None:
             entry["aux_loss"] = round(aux_value, 6)
         if done % args.eval_every == 0 or done == args.steps:
             entry["val_bpb"] = round(evaluate(model, val_windows, args.batch)[0], 5)
+        state["history"].append(entry)      # before the checkpoint, so that a resumed run keeps this entry
+        if "val_bpb" in entry:
             state["step"], state["elapsed"] = done, time.time() - t0
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "args": vars(args)}, ckpt)
-        state["history"].append(entry)
         elapsed = time.time() - t0
         bar.set_postfix(bpb=f"{state['ema']:.3f}", val=state["history"][-1].get("val_bpb", "-"),
                         tok_s=f"{done * tokens_per_step / max(1e-9, elapsed):.0f}")
@@ -241,10 +249,10 @@ def train(args: argparse.Namespace) -> dict:
         "counts": param_counts(model, plan, cfg),
         "seed": args.seed, "steps": args.steps, "tokens": args.steps * tokens_per_step, "data": data_info,
         "final_val_bpb": round(val_bpb, 5), "best_val_bpb": min(h["val_bpb"] for h in history if "val_bpb" in h),
-        "final_train_bpb": history[-1]["train_bpb"], "wall_s": round(wall, 1),
+        "final_train_bpb_ema": history[-1]["train_bpb_ema"], "wall_s": round(wall, 1),
         "tokens_per_s": round(args.steps * tokens_per_step / max(wall, 1e-9), 1),
         "routing": routing_health(model, loads, history, cfg), "history": history,
-        "torch": torch.__version__, "threads": args.threads,
+        **run_provenance(state["provenance"]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=1))
@@ -254,19 +262,47 @@ def train(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def run_provenance(segments: list[dict]) -> dict:
+    """Top-level provenance of a run that may have been resumed: the last segment's commit, versions and machine;
+    dirty if any segment was; `same_commit` whether every segment ran the same commit; all segments listed."""
+    last = {k: v for k, v in segments[-1].items() if k != "from_step"}
+    dirty = [s["git_dirty"] for s in segments]
+    return {**last, "git_dirty": None if None in dirty else any(dirty),
+            "same_commit": len({s["git_commit"] for s in segments}) == 1, "provenance": segments}
+
+
 def routing_health(model, loads: dict, history: list, cfg) -> dict | None:
     """Group load on the validation windows (share of tokens each group served; shared groups are 1),
-    the spread of the routed groups' load, and the balance loss at the end of training."""
+    the spread of the routed groups' load (`load_health`, per branch and worst branch), and the balance
+    loss at the end of training. The balance loss stays near its floor while loads spread; the spread shows it."""
     if cfg is None:
         return None
     routed = {b.name: [loads[b.name][i] for i in b.routed_idx.tolist()] for b in mohdify.branches(model)}
     flat = [x for v in routed.values() for x in v]
     ideal = cfg.top_k / cfg.num_routed
     aux = [h["aux_loss"] for h in history if "aux_loss" in h]
+    health = {name: load_health(v) for name, v in routed.items()}
+    ratios = [h["max_over_min"] for h in health.values()]
     return {"load_per_group": loads, "routed_load_ideal": ideal, "routed_load_min": min(flat),
             "routed_load_max": max(flat),
             "dead_groups": sum(x < 0.01 for x in flat), "branches": len(loads),
+            "load_health": health,
+            "worst": {"cv": max(h["cv"] for h in health.values()),
+                      "entropy": min(h["entropy"] for h in health.values()),
+                      "max_over_min": None if None in ratios else max(ratios)},
             "aux_loss_last": aux[-1] if aux else None, "aux_loss_first": aux[0] if aux else None}
+
+
+def load_health(load: list[float]) -> dict:
+    """Spread of one branch's routed-group loads: coefficient of variation (0 = even), entropy of the load
+    shares normalised by log(N_r) (1 = even, 0 = one group takes everything), max / min (None if a group is dead)."""
+    x = torch.tensor(load, dtype=torch.float64)
+    p = x / x.sum()
+    nz = p[p > 0]
+    entropy = float(-(nz * nz.log()).sum() / math.log(len(load))) if len(load) > 1 else 1.0
+    cv = float(x.std(unbiased=False) / x.mean())
+    return {"cv": round(cv, 4), "entropy": round(entropy, 4),
+            "max_over_min": round(float(x.max() / x.min()), 3) if x.min() > 0 else None}
 
 
 def main(argv=None) -> None:
