@@ -5,6 +5,8 @@
     python examples/train_lm.py --steps 600 --mohd --groups 16 --shared 4 --top-k 4 --out runs/mohd.json
     python examples/train_lm.py --steps 600 --mohd --expand 2 --out runs/wide.json     # D = 256 at density 1/2
     python examples/train_lm.py --steps 600 --hidden 64 --out runs/narrow.json         # dense, same inner widths
+    python examples/train_lm.py --steps 200 --init runs/dense.ckpt --mohd --router magnitude --calibrate 8 \
+        --lr 1e-3 --warmup 10 --out runs/converted.json                               # convert a trained dense model
 
 Byte-level (vocabulary 256), validation in bits per byte on held-out whole books (see corpora.py),
 the balance loss `mohdify.aux_loss` added for the learned router, a tqdm bar with loss and tokens/s,
@@ -33,6 +35,7 @@ from corpora import load_corpus  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 import mohdify  # noqa: E402
+import mohdify.rebasis  # noqa: E402
 
 VOCAB = 256
 RESUME_MAY_CHANGE = ("out", "checkpoint", "keep_checkpoint", "no_progress", "threads", "eval_every")
@@ -62,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scaling", default="none", choices=("none", "density", "norm"))
     p.add_argument("--fusion", default="none", choices=("none", "mix"))
     p.add_argument("--aux-coef", type=float, default=0.01)
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from these dense weights (a train_lm checkpoint or a state dict) before --mohd")
+    p.add_argument("--rebasis", default="none", choices=("none", "energy"),
+                   help="energy: permute the stream by calibrated energy before --mohd (mohdify.rebasis)")
+    p.add_argument("--calibrate", type=int, default=0, help="batches of training windows that choose the shared "
+                   "groups (mohdify.calibrate) and the --rebasis order; 0: none")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows of --context bytes")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -72,8 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_model(args: argparse.Namespace):
-    """The HF model, mohdified when --mohd; returns (model, hf config, mohd config or None, plan)."""
+def build_model(args: argparse.Namespace, calib: list | None = None):
+    """The HF model (from --init's weights if given), re-based and mohdified when asked, its shared groups
+    calibrated on `calib` batches; returns (model, hf config, mohd config or None, plan)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     base = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.ffn,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -84,12 +94,26 @@ def build_model(args: argparse.Namespace):
     model = LlamaForCausalLM(hf_config)
     cfg = None
     example = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    init, rebase = getattr(args, "init", None), getattr(args, "rebasis", "none")     # older checkpoints lack them
+    if init is not None:
+        saved = torch.load(init, weights_only=False, map_location="cpu")
+        try:
+            model.load_state_dict(saved.get("model", saved))
+        except RuntimeError as e:
+            raise SystemExit(f"--init {init}: its weights do not fit this model ({e}); pass the dense "
+                             "model's architecture flags (--hidden, --layers, ...).") from None
+    if rebase == "energy":
+        if not calib:
+            raise SystemExit("--rebasis energy needs calibration batches: pass --calibrate N (N >= 1).")
+        mohdify.rebasis.permute_stream(model, mohdify.rebasis.energy_order(model, calib, example), example)
     dense_count = mohdify.MoHDConfig.dense(num_groups=1, num_shared=0, router="magnitude")
     if args.mohd:
         cfg = mohdify.MoHDConfig(num_groups=args.groups, num_shared=args.shared, top_k=args.top_k,
                                  router=args.router, scaling=args.scaling, fusion=args.fusion,
                                  aux_loss_coef=args.aux_coef)
         mohdify.mohdify(model, cfg, example_inputs=example)
+        if calib:
+            mohdify.calibrate(model, calib)
         plan = model.mohd_plan
     else:
         plan = mohdify.explain(model, example, dense_count)
@@ -101,6 +125,12 @@ def batch_at(data: torch.Tensor, step: int, seed: int, batch: int, context: int)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=g)
     return torch.stack([data[s: s + context + 1] for s in starts.tolist()]).long()   # [B, S + 1]
+
+
+def calibration(data: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    """--calibrate batches of training windows, drawn apart from the training batches (steps -1, -2, ...)."""
+    return [{"input_ids": batch_at(data, -1 - i, args.seed, args.batch, args.context)[:, :-1]}
+            for i in range(args.calibrate)]
 
 
 def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
@@ -174,7 +204,7 @@ def save_plot(history: list, path: Path, title: str) -> None:
 def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     train_data, val_data, data_info = load_corpus(args.corpus)
-    model, hf_config, cfg, plan = build_model(args)
+    model, hf_config, cfg, plan = build_model(args, calibration(train_data, args))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "router" not in n and "fusion" not in n]
     no_decay = [p for n, p in model.named_parameters()
@@ -188,7 +218,8 @@ def train(args: argparse.Namespace) -> dict:
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         same = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
-        was = {k: v for k, v in saved.get("args", {}).items() if k not in RESUME_MAY_CHANGE}
+        defaults = vars(parse_args(["--out", str(args.out)]))     # settings added since the checkpoint: defaults
+        was = {k: saved.get("args", {}).get(k, defaults[k]) for k in defaults if k not in RESUME_MAY_CHANGE}
         if same != was:
             diff = {k: (was.get(k), v) for k, v in same.items() if was.get(k) != v}
             raise SystemExit(f"checkpoint {ckpt} was written by a run with other settings {diff} (saved, now); "
@@ -202,6 +233,8 @@ def train(args: argparse.Namespace) -> dict:
     tokens_per_step = args.batch * args.context
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=state["step"], disable=args.no_progress, desc=args.out.stem, mininterval=2)
+    if state["step"] == 0 and args.init is not None:        # a conversion: its quality before any training
+        state["history"].append({"step": 0, "val_bpb": round(evaluate(model, val_windows, args.batch)[0], 5)})
     t0 = time.time() - state["elapsed"]
     aux_value = None
     for step in range(state["step"], args.steps):
