@@ -11,8 +11,16 @@ The workflow, per density (16 groups, 4 shared):
                     1 - cosine(student, dense) of the mean-pooled embeddings plus the same of each token's
                     output state, plus `mohdify.aux_loss`; all weights and the router train (AdamW).
                     With the learned router (--routers learned magnitude adds the magnitude router, weights only).
+Options of the improved workflow (issue 13; the defaults reproduce the first R5 runs):
+  --rebasis energy   before mohdify, permute the residual stream exactly so that the groups gather dims of
+                     similar calibrated energy, highest first (`mohdify.rebasis`; the outputs stay the same);
+  --layer-loss W     distil every layer's hidden states too: W x mean over layers of 1 - cosine per token;
+  --teal             also measure the training-free per-element input-sparsity baseline (teal_baseline.py) at
+                     the same weight traffic (keep = delta);
+  --lr / --steps / --schedule cosine: the fine-tuning schedule.
 Measured: cosine of the mean-pooled embeddings to the dense model's on held-out verses (books never used for
-calibration or training: corpora.KJV_VALIDATION_BOOKS), vs fine-tuning steps.
+calibration or training: corpora.KJV_VALIDATION_BOOKS), vs fine-tuning steps and the process CPU seconds spent
+fine-tuning (`cpu_s`: robust to other processes sharing the machine, unlike wall time).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import shlex
 import sys
 import time
@@ -29,8 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpora import KJV_VALIDATION_BOOKS, kjv_verses  # noqa: E402
+from provenance import provenance  # noqa: E402
+from teal_baseline import input_sparsity  # noqa: E402
 
 import mohdify  # noqa: E402
+from mohdify import rebasis  # noqa: E402
 
 
 def load_minilm():
@@ -43,10 +55,13 @@ def load_minilm():
     return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
 
 
-def embed(model, batch, tokens: bool = False):
-    out = model(**batch).last_hidden_state                                   # [B, S, D]
+def embed(model, batch, tokens: bool = False, layers: bool = False):
+    res = model(**batch, output_hidden_states=layers)
+    out = res.last_hidden_state                                              # [B, S, D]
     mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)               # [B, S, 1]
     pooled = (out * mask).sum(1) / mask.sum(1)                               # [B, D]
+    if layers:
+        return pooled, out, res.hidden_states[1:-1]                          # the inner layers' outputs
     return (pooled, out) if tokens else pooled
 
 
@@ -67,17 +82,24 @@ def finetune(model, dense, tok, train_verses, eval_batches, refs, args, label) -
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     curve = [dict(zip(("step", "cosine_mean", "cosine_min"), (0, *cosine(model, eval_batches, refs))))]
     g = torch.Generator().manual_seed(args.seed)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
+    layers = args.layer_loss > 0
     for step in range(1, args.steps + 1):
+        if args.schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps)))
         idx = torch.randint(0, len(train_verses), (args.batch,), generator=g).tolist()
         batch = tok([train_verses[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
         batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
-            ref_pooled, ref_tokens = embed(dense, batch, tokens=True)
-        pooled, out = embed(model, batch, tokens=True)
-        loss = 1 - torch.cosine_similarity(pooled, ref_pooled, dim=-1).mean()
+            ref = embed(dense, batch, tokens=True, layers=layers)
+        got = embed(model, batch, tokens=True, layers=layers)
+        loss = 1 - torch.cosine_similarity(got[0], ref[0], dim=-1).mean()
         mask = batch["attention_mask"].bool()
-        loss = loss + args.token_loss * (1 - torch.cosine_similarity(out[mask], ref_tokens[mask], dim=-1).mean())
+        loss = loss + args.token_loss * (1 - torch.cosine_similarity(got[1][mask], ref[1][mask], dim=-1).mean())
+        if layers:
+            inner = [1 - torch.cosine_similarity(a[mask], b[mask], dim=-1).mean() for a, b in zip(got[2], ref[2])]
+            loss = loss + args.layer_loss * torch.stack(inner).mean()
         if any(b.router is not None for b in mohdify.branches(model)):
             loss = loss + mohdify.aux_loss(model)
         opt.zero_grad(set_to_none=True)
@@ -87,7 +109,7 @@ def finetune(model, dense, tok, train_verses, eval_batches, refs, args, label) -
         if step in args.eval_at or step == args.steps:
             mean, low = cosine(model, eval_batches, refs)
             curve.append({"step": step, "cosine_mean": mean, "cosine_min": low, "train_loss": round(loss.item(), 4),
-                          "elapsed_s": round(time.time() - t0, 1)})
+                          "elapsed_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
             print(f"  {label} step {step}: cosine {mean:.4f} (min {low:.4f}) loss {loss.item():.4f}", flush=True)
     return curve
 
@@ -103,6 +125,13 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-at", nargs="*", type=int, default=[25, 50, 100, 150])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--schedule", default="constant", choices=("constant", "cosine"), help="cosine: decay to 0.1 x lr")
+    p.add_argument("--rebasis", default="none", choices=("none", "energy"),
+                   help="energy: permute the stream so groups gather dims by calibrated energy (mohdify.rebasis)")
+    p.add_argument("--layer-loss", type=float, default=0.0, help="weight of the every-layer hidden-state loss")
+    p.add_argument("--teal", action="store_true", help="also measure the per-element input-sparsity baseline")
+    p.add_argument("--methods", nargs="*", default=["training-free", "calibrated", "fine-tuned"],
+                   choices=("training-free", "calibrated", "fine-tuned"))
     p.add_argument("--token-loss", type=float, default=1.0, help="weight of the per-token cosine loss")
     p.add_argument("--routers", nargs="*", default=["learned"], help="routers to fine-tune with (learned, magnitude)")
     p.add_argument("--seed", type=int, default=0)
@@ -136,7 +165,9 @@ def main(argv=None) -> dict:
                              "calibration": f"{len(calib_verses)} training verses", "groups": args.groups,
                              "shared": args.shared, "lr": args.lr, "batch": args.batch, "steps": args.steps,
                              "token_loss": args.token_loss, "seed": args.seed, "threads": args.threads,
-                             "torch": torch.__version__},
+                             "torch": torch.__version__, "rebasis": args.rebasis, "layer_loss": args.layer_loss,
+                             "schedule": args.schedule},
+              **provenance(args.threads),
               "results": rows}
 
     def save(final: bool) -> None:
@@ -153,26 +184,38 @@ def main(argv=None) -> dict:
 
         def make(router, calibrated, top_k=top_k):
             cfg = mohdify.MoHDConfig(num_groups=args.groups, num_shared=args.shared, top_k=top_k, router=router)
-            model = mohdify.mohdify(copy.deepcopy(dense), cfg, example_inputs=example)
+            model = copy.deepcopy(dense)
+            if args.rebasis == "energy":
+                rebasis.permute_stream(model, rebasis.energy_order(model, calib, example), example)
+            model = mohdify.mohdify(model, cfg, example_inputs=example)
             for q in model.parameters():
                 q.requires_grad_(True)
             if calibrated:
                 mohdify.calibrate(model, calib)
             return model
 
+        if args.teal:
+            with input_sparsity(dense, density, example):
+                mean, low = cosine(dense, eval_batches, refs)
+            rows.append({"density": density, "method": "per-element input sparsity (TEAL-style)", "router": "-",
+                         "steps": 0, "cosine_mean": mean, "cosine_min": low})
+            print(f"density {density}: per-element input sparsity: cosine {mean:.4f} (min {low:.4f})", flush=True)
         for label, router, calibrated in (("training-free", "magnitude", False), ("calibrated", "magnitude", True)):
+            if label not in args.methods:
+                continue
             mean, low = cosine(make(router, calibrated), eval_batches, refs)
-            rows.append({"density": density, "method": label, "router": router, "steps": 0,
+            rows.append({"density": density, "method": label, "router": router, "steps": 0, "rebasis": args.rebasis,
                          "cosine_mean": mean, "cosine_min": low})
             print(f"density {density}: {label}: cosine {mean:.4f} (min {low:.4f})", flush=True)
             save(False)
-        for router in args.routers:
+        for router in args.routers if "fine-tuned" in args.methods else []:
             torch.manual_seed(args.seed)
             curve = finetune(make(router, True), dense, tok, train_verses, eval_batches, refs, args,
                              f"density {density} fine-tuned ({router} router)")
             rows.append({"density": density, "method": "fine-tuned", "router": router, "steps": args.steps,
-                         "cosine_mean": curve[-1]["cosine_mean"], "cosine_min": curve[-1]["cosine_min"],
-                         "curve": curve})
+                         "rebasis": args.rebasis, "layer_loss": args.layer_loss, "lr": args.lr,
+                         "schedule": args.schedule, "cosine_mean": curve[-1]["cosine_mean"],
+                         "cosine_min": curve[-1]["cosine_min"], "cpu_s": curve[-1]["cpu_s"], "curve": curve})
             save(False)
     save(True)
     return result

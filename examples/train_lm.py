@@ -5,11 +5,15 @@
     python examples/train_lm.py --steps 600 --mohd --groups 16 --shared 4 --top-k 4 --out runs/mohd.json
     python examples/train_lm.py --steps 600 --mohd --expand 2 --out runs/wide.json     # D = 256 at density 1/2
     python examples/train_lm.py --steps 600 --hidden 64 --out runs/narrow.json         # dense, same inner widths
+    python examples/train_lm.py --steps 200 --init runs/dense.ckpt --mohd --router magnitude --calibrate 8 \
+        --lr 1e-3 --warmup 10 --out runs/converted.json                               # convert a trained dense model
 
 Byte-level (vocabulary 256), validation in bits per byte on held-out whole books (see corpora.py),
 the balance loss `mohdify.aux_loss` added for the learned router, a tqdm bar with loss and tokens/s,
 a resumable checkpoint, a JSON of metrics (config, seed, history, final validation bits per byte,
-routing health, wall time, the exact command) and a loss-curve PNG. Deterministic for a seed: the
+routing health, wall time, the exact command, the git commit, versions, machine and threads) and a loss-curve
+PNG. The training figure is an exponential moving average (`train_bpb_ema`, factor 0.95), named as such; wall
+time is not a speed figure when other processes share (or pause) the machine. Deterministic for a seed: the
 weights come from torch.manual_seed(seed) and batch i's offsets from a generator seeded by (seed, i).
 """
 
@@ -28,8 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpora import load_corpus  # noqa: E402
+from provenance import provenance  # noqa: E402
 
 import mohdify  # noqa: E402
+import mohdify.rebasis  # noqa: E402
 
 VOCAB = 256
 RESUME_MAY_CHANGE = ("out", "checkpoint", "keep_checkpoint", "no_progress", "threads", "eval_every")
@@ -59,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scaling", default="none", choices=("none", "density", "norm"))
     p.add_argument("--fusion", default="none", choices=("none", "mix"))
     p.add_argument("--aux-coef", type=float, default=0.01)
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from these dense weights (a train_lm checkpoint or a state dict) before --mohd")
+    p.add_argument("--rebasis", default="none", choices=("none", "energy"),
+                   help="energy: permute the stream by calibrated energy before --mohd (mohdify.rebasis)")
+    p.add_argument("--calibrate", type=int, default=0, help="batches of training windows that choose the shared "
+                   "groups (mohdify.calibrate) and the --rebasis order; 0: none")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=64, help="validation windows of --context bytes")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
@@ -69,8 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_model(args: argparse.Namespace):
-    """The HF model, mohdified when --mohd; returns (model, hf config, mohd config or None, plan)."""
+def build_model(args: argparse.Namespace, calib: list | None = None):
+    """The HF model (from --init's weights if given), re-based and mohdified when asked, its shared groups
+    calibrated on `calib` batches; returns (model, hf config, mohd config or None, plan)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     base = LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.ffn,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
@@ -81,12 +94,26 @@ def build_model(args: argparse.Namespace):
     model = LlamaForCausalLM(hf_config)
     cfg = None
     example = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
+    init, rebase = getattr(args, "init", None), getattr(args, "rebasis", "none")     # older checkpoints lack them
+    if init is not None:
+        saved = torch.load(init, weights_only=False, map_location="cpu")
+        try:
+            model.load_state_dict(saved.get("model", saved))
+        except RuntimeError as e:
+            raise SystemExit(f"--init {init}: its weights do not fit this model ({e}); pass the dense "
+                             "model's architecture flags (--hidden, --layers, ...).") from None
+    if rebase == "energy":
+        if not calib:
+            raise SystemExit("--rebasis energy needs calibration batches: pass --calibrate N (N >= 1).")
+        mohdify.rebasis.permute_stream(model, mohdify.rebasis.energy_order(model, calib, example), example)
     dense_count = mohdify.MoHDConfig.dense(num_groups=1, num_shared=0, router="magnitude")
     if args.mohd:
         cfg = mohdify.MoHDConfig(num_groups=args.groups, num_shared=args.shared, top_k=args.top_k,
                                  router=args.router, scaling=args.scaling, fusion=args.fusion,
                                  aux_loss_coef=args.aux_coef)
         mohdify.mohdify(model, cfg, example_inputs=example)
+        if calib:
+            mohdify.calibrate(model, calib)
         plan = model.mohd_plan
     else:
         plan = mohdify.explain(model, example, dense_count)
@@ -98,6 +125,12 @@ def batch_at(data: torch.Tensor, step: int, seed: int, batch: int, context: int)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=g)
     return torch.stack([data[s: s + context + 1] for s in starts.tolist()]).long()   # [B, S + 1]
+
+
+def calibration(data: torch.Tensor, args: argparse.Namespace) -> list[dict]:
+    """--calibrate batches of training windows, drawn apart from the training batches (steps -1, -2, ...)."""
+    return [{"input_ids": batch_at(data, -1 - i, args.seed, args.batch, args.context)[:, :-1]}
+            for i in range(args.calibrate)]
 
 
 def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
@@ -154,7 +187,8 @@ def save_plot(history: list, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=90)
-    tr = [(h["step"], h["train_bpb"]) for h in history if "train_bpb" in h]
+    tr = [(h["step"], h.get("train_bpb_ema", h.get("train_bpb"))) for h in history
+          if "train_bpb_ema" in h or "train_bpb" in h]
     va = [(h["step"], h["val_bpb"]) for h in history if "val_bpb" in h]
     if tr:
         ax.plot(*zip(*tr), label="train (smoothed)", lw=1)
@@ -170,7 +204,7 @@ def save_plot(history: list, path: Path, title: str) -> None:
 def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     train_data, val_data, data_info = load_corpus(args.corpus)
-    model, hf_config, cfg, plan = build_model(args)
+    model, hf_config, cfg, plan = build_model(args, calibration(train_data, args))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "router" not in n and "fusion" not in n]
     no_decay = [p for n, p in model.named_parameters()
@@ -178,23 +212,29 @@ def train(args: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     ckpt = args.checkpoint or args.out.with_suffix(".ckpt")
-    state = {"step": 0, "history": [], "elapsed": 0.0, "ema": None}
+    for folder in {args.out.parent, ckpt.parent}:
+        folder.mkdir(parents=True, exist_ok=True)
+    state = {"step": 0, "history": [], "elapsed": 0.0, "ema": None, "provenance": []}
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         same = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
-        was = {k: v for k, v in saved.get("args", {}).items() if k not in RESUME_MAY_CHANGE}
+        defaults = vars(parse_args(["--out", str(args.out)]))     # settings added since the checkpoint: defaults
+        was = {k: saved.get("args", {}).get(k, defaults[k]) for k in defaults if k not in RESUME_MAY_CHANGE}
         if same != was:
             diff = {k: (was.get(k), v) for k, v in same.items() if was.get(k) != v}
             raise SystemExit(f"checkpoint {ckpt} was written by a run with other settings {diff} (saved, now); "
                              "remove it or pass the same arguments.")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        state = saved["state"]
+        state = {"provenance": [], **saved["state"]}
         print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+    state["provenance"].append({"from_step": state["step"], **provenance(args.threads)})
     val_windows = validation_windows(val_data, args.eval_windows, args.context)
     tokens_per_step = args.batch * args.context
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=state["step"], disable=args.no_progress, desc=args.out.stem, mininterval=2)
+    if state["step"] == 0 and args.init is not None:        # a conversion: its quality before any training
+        state["history"].append({"step": 0, "val_bpb": round(evaluate(model, val_windows, args.batch)[0], 5)})
     t0 = time.time() - state["elapsed"]
     aux_value = None
     for step in range(state["step"], args.steps):
@@ -214,14 +254,15 @@ def train(args: argparse.Namespace) -> dict:
         bpb = loss.item() / math.log(2)
         state["ema"] = bpb if state["ema"] is None else 0.95 * state["ema"] + 0.05 * bpb
         done = step + 1
-        entry = {"step": done, "train_bpb": round(state["ema"], 5)}
+        entry = {"step": done, "train_bpb_ema": round(state["ema"], 5)}
         if aux_value is not None:
             entry["aux_loss"] = round(aux_value, 6)
         if done % args.eval_every == 0 or done == args.steps:
             entry["val_bpb"] = round(evaluate(model, val_windows, args.batch)[0], 5)
+        state["history"].append(entry)      # before the checkpoint, so that a resumed run keeps this entry
+        if "val_bpb" in entry:
             state["step"], state["elapsed"] = done, time.time() - t0
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "args": vars(args)}, ckpt)
-        state["history"].append(entry)
         elapsed = time.time() - t0
         bar.set_postfix(bpb=f"{state['ema']:.3f}", val=state["history"][-1].get("val_bpb", "-"),
                         tok_s=f"{done * tokens_per_step / max(1e-9, elapsed):.0f}")
@@ -241,10 +282,10 @@ def train(args: argparse.Namespace) -> dict:
         "counts": param_counts(model, plan, cfg),
         "seed": args.seed, "steps": args.steps, "tokens": args.steps * tokens_per_step, "data": data_info,
         "final_val_bpb": round(val_bpb, 5), "best_val_bpb": min(h["val_bpb"] for h in history if "val_bpb" in h),
-        "final_train_bpb": history[-1]["train_bpb"], "wall_s": round(wall, 1),
+        "final_train_bpb_ema": history[-1]["train_bpb_ema"], "wall_s": round(wall, 1),
         "tokens_per_s": round(args.steps * tokens_per_step / max(wall, 1e-9), 1),
         "routing": routing_health(model, loads, history, cfg), "history": history,
-        "torch": torch.__version__, "threads": args.threads,
+        **run_provenance(state["provenance"]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(metrics, indent=1))
@@ -254,19 +295,47 @@ def train(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def run_provenance(segments: list[dict]) -> dict:
+    """Top-level provenance of a run that may have been resumed: the last segment's commit, versions and machine;
+    dirty if any segment was; `same_commit` whether every segment ran the same commit; all segments listed."""
+    last = {k: v for k, v in segments[-1].items() if k != "from_step"}
+    dirty = [s["git_dirty"] for s in segments]
+    return {**last, "git_dirty": None if None in dirty else any(dirty),
+            "same_commit": len({s["git_commit"] for s in segments}) == 1, "provenance": segments}
+
+
 def routing_health(model, loads: dict, history: list, cfg) -> dict | None:
     """Group load on the validation windows (share of tokens each group served; shared groups are 1),
-    the spread of the routed groups' load, and the balance loss at the end of training."""
+    the spread of the routed groups' load (`load_health`, per branch and worst branch), and the balance
+    loss at the end of training. The balance loss stays near its floor while loads spread; the spread shows it."""
     if cfg is None:
         return None
     routed = {b.name: [loads[b.name][i] for i in b.routed_idx.tolist()] for b in mohdify.branches(model)}
     flat = [x for v in routed.values() for x in v]
     ideal = cfg.top_k / cfg.num_routed
     aux = [h["aux_loss"] for h in history if "aux_loss" in h]
+    health = {name: load_health(v) for name, v in routed.items()}
+    ratios = [h["max_over_min"] for h in health.values()]
     return {"load_per_group": loads, "routed_load_ideal": ideal, "routed_load_min": min(flat),
             "routed_load_max": max(flat),
             "dead_groups": sum(x < 0.01 for x in flat), "branches": len(loads),
+            "load_health": health,
+            "worst": {"cv": max(h["cv"] for h in health.values()),
+                      "entropy": min(h["entropy"] for h in health.values()),
+                      "max_over_min": None if None in ratios else max(ratios)},
             "aux_loss_last": aux[-1] if aux else None, "aux_loss_first": aux[0] if aux else None}
+
+
+def load_health(load: list[float]) -> dict:
+    """Spread of one branch's routed-group loads: coefficient of variation (0 = even), entropy of the load
+    shares normalised by log(N_r) (1 = even, 0 = one group takes everything), max / min (None if a group is dead)."""
+    x = torch.tensor(load, dtype=torch.float64)
+    p = x / x.sum()
+    nz = p[p > 0]
+    entropy = float(-(nz * nz.log()).sum() / math.log(len(load))) if len(load) > 1 else 1.0
+    cv = float(x.std(unbiased=False) / x.mean())
+    return {"cv": round(cv, 4), "entropy": round(entropy, 4),
+            "max_over_min": round(float(x.max() / x.min()), 3) if x.min() > 0 else None}
 
 
 def main(argv=None) -> None:

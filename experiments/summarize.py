@@ -1,17 +1,27 @@
-"""Tables and plots of R1-R3 from the run JSONs that run_research.py wrote.
+"""Tables and plots of R1-R5 from the run JSONs that run_research.py wrote, and docs/results/claims.json.
 
-    python experiments/summarize.py          # prints markdown tables; writes docs/results/{r1,r2,r3}.json and PNGs
-    python experiments/summarize.py --write  # also puts the tables into docs/RESULTS.md (between <!-- rN --> marks)
+    python experiments/summarize.py          # prints markdown tables; writes docs/results/{r1,r2,r3}.json, PNGs
+                                             # and docs/results/claims.json
+    python experiments/summarize.py --write  # also puts the tables into docs/RESULTS.md (between <!-- name --> marks)
+    python experiments/summarize.py --collect /work/results --write
+                                             # first copies the finished runs (JSON + PNG) of a runner's --results
+                                             # folder into docs/results/<experiment>/ (never checkpoints)
 
 Mean +- sample standard deviation over seeds; runs missing so far are left out (the table says how many seeds).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import claims as claims_mod  # noqa: E402
+import tuned  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -160,9 +170,47 @@ def write_tables(tables: dict[str, str]) -> None:
     path.write_text(doc)
 
 
+def collect(source: Path) -> list[Path]:
+    """Copy finished runs (a JSON with its PNG) of the tuned experiments and conversions from `source`."""
+    copied = []
+    for exp in (*tuned.EXPERIMENTS, "r5-conv", "r5-causal"):
+        for path in sorted((source / exp).glob("*.json")):
+            dest = RESULTS / exp / path.name
+            if tuned._read(path) is None or (dest.exists() and dest.read_bytes() == path.read_bytes()):
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            for f in (path, path.with_suffix(".png")):
+                if f.exists():
+                    shutil.copy2(f, dest.parent / f.name)
+            copied.append(dest)
+    return copied
+
+
+def tuned_tables() -> dict[str, str]:
+    return {"r1-tuned-sweep": claims_mod.sweep_table(RESULTS, "r1-tuned"),
+            "r1-tuned": claims_mod.seeds_table(RESULTS, "r1-tuned", ("r1-tuned", "dense-d128")),
+            "r2-controlled-sweep": claims_mod.sweep_table(RESULTS, "r2-controlled"),
+            "r2-controlled": claims_mod.seeds_table(RESULTS, "r2-controlled", ("r1-tuned", "dense-d128")),
+            "r3-tuned": claims_mod.seeds_table(RESULTS, "r3-tuned", ("r3-tuned", "baseline")),
+            "r5-conv": claims_mod.conversion_table(RESULTS), "r5-causal": claims_mod.causal_table(RESULTS)}
+
+
+def claims_table(items: list[dict]) -> str:
+    rows = ["| id | status | value | target | statement |", "|---|---|---|---|---|"]
+    rows += [f"| {c['id']} | {c['status']} | {c['value']} | {c['target']} | {c['statement']} |" for c in items]
+    return "\n".join(rows)
+
+
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--collect", type=Path, default=None, help="a runner's --results folder to copy finished runs from")
+    p.add_argument("--write", action="store_true", help="put the tables into docs/RESULTS.md")
+    args = p.parse_args()
     if not RESULTS.exists():
         sys.exit(f"no results in {RESULTS}: run experiments/run_research.py first.")
+    if args.collect:
+        for path in collect(args.collect):
+            print(f"collected {path.relative_to(ROOT)}")
     tables = {}
     for name, conditions in (("r1", R1_CONDITIONS), ("r2", R2_CONDITIONS)):
         text, record = table(conditions, name)
@@ -176,7 +224,14 @@ def main() -> None:
     (RESULTS / "r3.json").write_text(json.dumps(record, indent=1))
     tables["r4"], tables["r5"] = r4_table(), r5_table()
     print(f"## r4\n{tables['r4']}\n\n## r5\n{tables['r5']}")
-    if "--write" in sys.argv[1:]:
+    for name, text in tuned_tables().items():
+        tables[name] = text
+        print(f"\n## {name}\n{text}")
+    items = claims_mod.claims(RESULTS)
+    (RESULTS / "claims.json").write_text(json.dumps(items, indent=1) + "\n")
+    tables["claims"] = claims_table(items)
+    print(f"\n## claims (docs/results/claims.json)\n{tables['claims']}")
+    if args.write:
         write_tables(tables)
 
 

@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -162,6 +163,56 @@ def test_train_lm_refuses_a_checkpoint_of_other_settings(tmp_path):
         train_lm.main(TINY + ["--corpus", str(text), "--out", str(out), "--lr", "1e-3"])
 
 
+def test_train_lm_records_provenance_and_health(tmp_path):
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    text = _tiny_text(tmp_path)
+    m = train_lm.main(TINY + ["--corpus", str(text), "--mohd", "--groups", "4", "--shared", "1", "--top-k", "1",
+                              "--out", str(tmp_path / "p.json")]) or json.loads((tmp_path / "p.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert m["git_commit"] == head.strip() and isinstance(m["git_dirty"], bool) and m["same_commit"] is True
+    assert m["torch"] == torch.__version__ and m["transformers"] == transformers.__version__
+    assert m["threads"] == 1 and m["machine"]["cpu_count"] == os.cpu_count()
+    assert [s["from_step"] for s in m["provenance"]] == [0]
+    assert "final_train_bpb_ema" in m and "final_train_bpb" not in m
+    assert all("train_bpb_ema" in h and "train_bpb" not in h for h in m["history"])
+    health = m["routing"]["load_health"]
+    assert sorted(health) == ["model.layers.0.mlp", "model.layers.0.self_attn"]
+    assert m["routing"]["worst"]["cv"] == max(h["cv"] for h in health.values())
+
+
+def test_load_health_sees_a_collapse():
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    assert train_lm.load_health([0.25, 0.25, 0.25, 0.25]) == {"cv": 0.0, "entropy": 1.0, "max_over_min": 1.0}
+    h = train_lm.load_health([0.5, 0.5, 0.0, 0.0])                  # two groups dead: entropy log2 / log4
+    assert h == {"cv": 1.0, "entropy": 0.5, "max_over_min": None}
+    h = train_lm.load_health([0.26, 0.48, 0.3, 0.46])
+    assert h["max_over_min"] == pytest.approx(0.48 / 0.26, abs=1e-3) and 0.2 < h["cv"] < 0.3
+
+
+def test_train_lm_resume_keeps_the_evaluation_at_the_checkpoint(tmp_path, monkeypatch):
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    text = _tiny_text(tmp_path)
+    args = TINY + ["--corpus", str(text), "--mohd", "--groups", "4", "--shared", "1", "--top-k", "1"]
+    train_lm.main(args + ["--out", str(tmp_path / "whole.json")])
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    real = train_lm.batch_at
+
+    def stop_at_3(data, step, *a):
+        if step == 3:
+            raise KeyboardInterrupt                                  # after the checkpoint at step 2
+        return real(data, step, *a)
+    monkeypatch.setattr(train_lm, "batch_at", stop_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm.main(args + ["--out", str(tmp_path / "cut.json")])
+    assert (tmp_path / "cut.ckpt").exists() and not (tmp_path / "cut.json").exists()
+    monkeypatch.setattr(train_lm, "batch_at", real)
+    train_lm.main(args + ["--out", str(tmp_path / "cut.json")])
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert cut["history"] == whole["history"] and cut["final_val_bpb"] == whole["final_val_bpb"]
+    assert [h["step"] for h in cut["history"] if "val_bpb" in h] == [2, 4]
+    assert [s["from_step"] for s in cut["provenance"]] == [0, 2]
+
+
 # ---------------------------------------------------------------- experiment runner
 def test_runner_skips_runs_whose_json_exists(tmp_path, monkeypatch, capsys):
     runner = _load(ROOT / "experiments" / "run_research.py", "run_research")
@@ -177,11 +228,38 @@ def test_runner_skips_runs_whose_json_exists(tmp_path, monkeypatch, capsys):
     # a run another live process holds (its .lock names a live pid) is not started twice
     (tmp_path / "r1" / "dense-d64-s0.json").unlink()
     (tmp_path / "r1" / "dense-d64-s0.lock").write_text(str(os.getpid()))
-    monkeypatch.setattr(runner.time, "sleep", lambda s: (tmp_path / "r1" / "dense-d64-s0.lock").write_text("0"))
+    def other_runner_finishes(seconds):
+        (tmp_path / "r1" / "dense-d64-s0.json").write_text("{}")
+        (tmp_path / "r1" / "dense-d64-s0.lock").write_text("0")
+    monkeypatch.setattr(runner.time, "sleep", other_runner_finishes)
     runner.main()
     assert f"r1/dense-d64-s0: running elsewhere (pid {os.getpid()})" in capsys.readouterr().out
     names = [n for _, n, _ in runner.runs((0, 1))]
     assert names[:4] == ["dense-d128-s0", "mohd-d128-delta0.5-s0", "dense-d64-s0", "mohd-d256-x2-delta0.5-s0"]
+
+
+def test_tuned_sweep_brackets_the_best_rate_then_runs_seeds(tmp_path):
+    tuned = _load(ROOT / "experiments" / "tuned.py", "tuned")
+    vals = {}
+    done = lambda exp, name: vals.get((exp, name))                  # noqa: E731
+    m = tuned.model("r1-tuned", "dense-d64")
+    key = lambda lr, s=0: ("r1-tuned", tuned.run_name("dense-d64", lr, s))  # noqa: E731
+    names = [n for e, n, _, _ in tuned.wanted(tmp_path, done, only=["r1-tuned"]) if "d64" in n]
+    assert names == ["dense-d64-lr0.0015-s0", "dense-d64-lr0.003-s0", "dense-d64-lr0.006-s0"]
+    for lr, v in ((1.5e-3, 2.3), (3e-3, 2.2), (6e-3, 2.1)):         # best at the top edge: one more rate
+        vals[key(lr)] = {"final_val_bpb": v}
+    assert tuned.sweep_state(tmp_path, m, done) == ({1.5e-3: 2.3, 3e-3: 2.2, 6e-3: 2.1}, None, [1.2e-2])
+    vals[key(1.2e-2)] = {"final_val_bpb": 2.15}
+    assert tuned.sweep_state(tmp_path, m, done)[1:] == (6e-3, [])
+    runs = [r for r in tuned.wanted(tmp_path, done, only=["r1-tuned"]) if "d64" in r[1]]
+    assert [r[1] for r in runs] == ["dense-d64-lr0.006-s1", "dense-d64-lr0.006-s2"]
+    assert runs[0][2] == ["--hidden", "64", "--lr", "0.006", "--seed", "1"] and runs[0][3] == 2000
+    # r3-tuned follows the MoHD model's best rate, 1000 steps, 3 seeds, only once that rate is known
+    assert not [r for r in tuned.wanted(tmp_path, done, only=["r3-tuned"])]
+    for lr, v in ((1.5e-3, 2.0), (3e-3, 1.9), (6e-3, 1.95)):
+        vals[("r1-tuned", tuned.run_name("mohd-d128-delta0.5", lr, 0))] = {"final_val_bpb": v}
+    r3 = tuned.wanted(tmp_path, done, only=["r3-tuned"])
+    assert len(r3) == 12 and r3[0][1] == "baseline-lr0.003-s0" and r3[0][3] == 1000
 
 
 # ---------------------------------------------------------------- conversion example
