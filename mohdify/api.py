@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from mohdify.passes import apply_plan, find_plan, is_mohdified, mohd_branches, remove_mohd
-from mohdify.passes.capture import normalize_inputs
+from mohdify.passes.inputs import normalize_inputs
 
 from .config import MoHDConfig
 from .errors import ConfigError, MohdifyError, UnsupportedModelError

@@ -12,8 +12,9 @@
 
 from .analyze import BranchMatch, GraphAnalysis, LinearRef, analyze_graph
 from .apply import apply_plan, is_mohdified, mohd_branches, remove_mohd
-from .capture import Capture, CapturedGraph, capture, normalize_inputs
+from .capture import Capture, CapturedGraph, capture
 from .find import find_plan
+from .inputs import normalize_inputs
 from .layers import is_linear_layer
 
 __all__ = [

@@ -22,7 +22,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from mohdify.plan import Branch
 
 from .analyze import BranchMatch, GraphAnalysis
-from .capture import node_value
+from .graph_names import node_value
 from .layers import LayerTable
 
 __all__ = ["Selection", "select_branches", "common_parent", "skip_reasons"]
