@@ -17,6 +17,7 @@ from .config import MoHDConfig
 from .errors import ConfigError, MohdifyError, UnsupportedModelError
 from .modules import MoHDWriter
 from .plan import Plan, untrained_router_note
+from .routers import router_kind
 from .routing import Routing
 from .saving import forget_rewrite, record_rewrite
 
@@ -235,7 +236,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
             total = term if total is None else total + term
     if total is not None:
         return total
-    learned = [b for b in found if b.router is not None]
+    learned = [b for b in found if router_kind(b.config.router).has_balance_loss]
     if learned and not any(b.training for b in learned):
         warnings.warn("aux_loss: no routed pass kept a balance loss since the last call; the model is in eval "
                       "mode, where passes without autograd (torch.no_grad) keep none. Train with model.train() "

@@ -47,6 +47,7 @@ from mohdify.errors import ConfigError
 from mohdify.passes.fuse import fuse_graph
 from mohdify.passes.rewrite import rewrite_graph
 from mohdify.passes.targets import mohd_op_nodes
+from mohdify.routers import ROUTER_KINDS
 
 __all__ = ["mohd_backend", "backend_config", "COMPILERS", "CONFIG_OPTIONS"]
 
@@ -54,10 +55,11 @@ log = logging.getLogger("mohdify")
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 CONFIG_OPTIONS = ("num_groups", "num_shared", "top_k", "router", "scaling", "fusion")
-_FIXED = {"router": "magnitude", "fusion": "none"}
+# the router kind the backend routes with: the one without parameters (mohdify/routers.py)
+_FIXED = {"router": next(k.name for k in ROUTER_KINDS.values() if k.backend_refusal is None), "fusion": "none"}
 _WHY_FIXED = {
-    "router": "a learned router has parameters",
-    "fusion": "group fusion has a learnable matrix",
+    "router": lambda name: getattr(ROUTER_KINDS.get(name), "backend_refusal", None) or "it is no router kind",
+    "fusion": lambda name: "group fusion has a learnable matrix",
 }
 
 
@@ -78,8 +80,8 @@ def backend_config(options: Optional[dict] = None) -> tuple[MoHDConfig, str]:
         if key in options and options[key] != required:
             raise ConfigError(
                 f"torch.compile(backend='mohd') got {key}={options[key]!r}, but the backend needs "
-                f"{key}={required!r}: {_WHY_FIXED[key]}, and a compiler backend cannot add parameters to a "
-                f"model. Call mohdify.mohdify(model, MoHDConfig({key}={options[key]!r}, ...), example_inputs=...) "
+                f"{key}={required!r}: {_WHY_FIXED[key](options[key])}, and a compiler backend cannot add parameters "
+                f"to a model. Call mohdify.mohdify(model, MoHDConfig({key}={options[key]!r}, ...), example_inputs=...) "
                 "first, then torch.compile(model, backend='mohd').")
     if not isinstance(options.get("fuse", True), bool):
         raise ConfigError(f"torch.compile(backend='mohd') option fuse must be True or False, got {options['fuse']!r}.")
