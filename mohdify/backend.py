@@ -4,15 +4,17 @@ Registered under the `torch_dynamo_backends` entry point (pyproject.toml), so it
 `pip install` without importing mohdify first.
 
 Each graph dynamo hands over (one per graph piece: graph breaks give several) is handled alone:
-  - a graph of a mohdified model (it calls torch.ops.mohdify.route/read/write) is first fused
-    (mohdify.passes.fuse): the per-reader copies of a branch's routing become one, the reads of
-    one branch input (q|k|v, gate|up) one `mohdify::read_multi` (one Triton launch on CUDA), and
-    each write followed by its residual add one `mohdify::write_add` (the add in the writer's
-    epilogue). Then it is compiled: inductor keeps the custom ops as calls, which run the kernels
-    registered for the device (Triton on CUDA; on CPU the kernels of codegen/cpu, which read only the
-    active groups' weights), and compiles everything else;
-  - a graph of a dense model is analysed (the residual branches, their readers and writers) and
-    rewritten to magnitude-routed MoHD ops (mohdify.passes.rewrite), fused the same way, then compiled.
+  - a graph of a mohdified model (it calls torch.ops.mohdify.route/read/write, one routing per branch
+    application) is first fused (mohdify.passes.fuse): the reads of one branch input (q|k|v,
+    gate|up) become one `mohdify::read_multi` (one Triton launch on CUDA), and each write followed by
+    its residual add one `mohdify::write_add` (the add in the writer's epilogue). Then it is
+    compiled: inductor keeps the custom ops as calls, which run the kernels registered for the
+    device (Triton on CUDA; on CPU the kernels of codegen/cpu, which read only the active groups'
+    weights), and compiles everything else;
+  - a graph of a dense model is analysed, the branches `mohdify()` would rewrite are chosen by the
+    same rule (mohdify.passes.select), and rewritten to magnitude-routed MoHD ops
+    (mohdify.passes.rewrite), fused the same way, then compiled. A branch dynamo split across two
+    graphs stays dense with a Python warning (UserWarning) naming its writer.
     Its weights keep nn.Linear's row-major layout (a backend does not re-lay parameters out), so on
     CPU its readers read strided group blocks, slower than after mohdify() (codegen/README.md).
 

@@ -1,6 +1,6 @@
 """Select: which residual branches are rewritten, and why every other linear layer stays dense.
 
-The one rule `mohdify()`, `explain()` (through find.py) and the backend (through rewrite.py) call.
+The one rule `mohdify()`, `explain()` (through make_plan.py) and the backend (through rewrite.py) call.
 Input: the GraphAnalysis of each captured graph (one for the backend, one per graph for `mohdify()`),
 the hidden size, the model's LayerTable and an optional `keep(name)` (the user's filter_fn).
 A branch is rewritten when its writer and at least one reader are linear layers called as modules,

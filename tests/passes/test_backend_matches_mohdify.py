@@ -1,7 +1,7 @@
 """The backend on a dense model rewrites the branches mohdify() rewrites, and computes the same logits.
 
 One rule chooses the branches (passes/select.py) for mohdify(), explain() and the backend. Each
-architecture of the zoo (tests/zoo.py, tests/zoo_extra.py) is compiled dense with
+architecture of the zoo (tests/zoo.py, tests/zoo_families.py) is compiled dense with
 backend="mohd" and options equal to a magnitude-router MoHDConfig, and compared with mohdify() of a
 copy under that config: the same branches (names, readers, writer) and the same logits at delta 0.5.
 Besides the zoo: nn.Linear subclasses whose forward is `x @ self.weight.T + self.bias` (dynamo
@@ -24,7 +24,7 @@ from strategies import main_output, run
 from torch import nn
 from torch._dynamo.utils import counters
 from zoo import ZOO
-from zoo_extra import EXTRA
+from zoo_families import EXTRA
 
 import mohdify
 

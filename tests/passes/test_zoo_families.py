@@ -20,12 +20,12 @@ import importlib
 import pytest
 import torch
 from conftest import assert_close
-from zoo_extra import EXTRA, NETS_BRANCHES, DataDependentNet, EagerOnlyNet, LayerNormOut, Uncapturable, _ids
+from zoo_families import EXTRA, NETS_BRANCHES, DataDependentNet, EagerOnlyNet, LayerNormOut, Uncapturable, _ids
 
 import mohdify
 from mohdify.modules import MoHDReader, MoHDWriter
-from mohdify.passes.find import OUTSIDE_BLOCKS
 from mohdify.passes.graph_names import module_path
+from mohdify.passes.make_plan import OUTSIDE_BLOCKS
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
 DENSE = mohdify.MoHDConfig.dense(num_groups=4, num_shared=1)
