@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 from conftest import assert_close
+from residual_form_models import XWT
 from strategies import main_output, run
 from torch import nn
 from torch._dynamo.utils import counters
@@ -75,14 +76,10 @@ def test_zoo_architecture(name, caplog):
 D = 32
 
 
-class XWT(nn.Linear):
-    """A linear layer whose forward is a weight product (dynamo inlines it: matmul of a view of W)."""
-
-    def forward(self, x):
-        return x @ self.weight.T + self.bias
-
-
 class XWTBlock(nn.Module):
+    """Attention and MLP of XWT layers (nn.Linear whose forward is `x @ self.weight.T + self.bias`:
+    dynamo inlines it into a matmul of a view of W)."""
+
     def __init__(self):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
