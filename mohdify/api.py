@@ -11,13 +11,14 @@ import torch
 from torch import fx, nn
 
 from mohdify.passes import apply_plan, find_plan, is_mohdified, mohd_branches, remove_mohd
-from mohdify.passes.capture import normalize_inputs
+from mohdify.passes.inputs import normalize_inputs
 
 from .config import MoHDConfig
 from .errors import ConfigError, MohdifyError, UnsupportedModelError
 from .guards import check_filter_fn, mark_demohdified, warn_once
 from .modules import MoHDLinear, MoHDWriter
 from .plan import Plan, untrained_router_note
+from .routers import router_kind
 from .routing import Routing
 from .saving import check_recordable, forget_rewrite, record_rewrite
 
@@ -241,7 +242,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
             total = term if total is None else total + term
     if total is not None:
         return total
-    learned = [b for b in found if b.router is not None]
+    learned = [b for b in found if router_kind(b.config.router).has_balance_loss]
     if learned and not any(b.training for b in learned):
         warnings.warn("aux_loss: no routed pass kept a balance loss since the last call; the model is in eval "
                       "mode, where passes without autograd (torch.no_grad) keep none. Train with model.train() "

@@ -4,15 +4,17 @@ Registered under the `torch_dynamo_backends` entry point (pyproject.toml), so it
 `pip install` without importing mohdify first.
 
 Each graph dynamo hands over (one per graph piece: graph breaks give several) is handled alone:
-  - a graph of a mohdified model (it calls torch.ops.mohdify.route/read/write) is first fused
-    (mohdify.passes.fuse): the per-reader copies of a branch's routing become one, the reads of
-    one branch input (q|k|v, gate|up) one `mohdify::read_multi` (one Triton launch on CUDA), and
-    each write followed by its residual add one `mohdify::write_add` (the add in the writer's
-    epilogue). Then it is compiled: inductor keeps the custom ops as calls, which run the kernels
-    registered for the device (Triton on CUDA; on CPU the kernels of codegen/cpu, which read only the
-    active groups' weights), and compiles everything else;
-  - a graph of a dense model is analysed (the residual branches, their readers and writers) and
-    rewritten to magnitude-routed MoHD ops (mohdify.passes.rewrite), fused the same way, then compiled.
+  - a graph of a mohdified model (it calls torch.ops.mohdify.route/read/write, one routing per branch
+    application) is first fused (mohdify.passes.fuse): the reads of one branch input (q|k|v,
+    gate|up) become one `mohdify::read_multi` (one Triton launch on CUDA), and each write followed by
+    its residual add one `mohdify::write_add` (the add in the writer's epilogue). Then it is
+    compiled: inductor keeps the custom ops as calls, which run the kernels registered for the
+    device (Triton on CUDA; on CPU the kernels of codegen/cpu, which read only the active groups'
+    weights), and compiles everything else;
+  - a graph of a dense model is analysed, the branches `mohdify()` would rewrite are chosen by the
+    same rule (mohdify.passes.select), and rewritten to magnitude-routed MoHD ops
+    (mohdify.passes.rewrite), fused the same way, then compiled. A branch dynamo split across two
+    graphs stays dense with a Python warning (UserWarning) naming its writer.
     Its weights keep nn.Linear's row-major layout (a backend does not re-lay parameters out), so on
     CPU its readers read strided group blocks, slower than after mohdify() (codegen/README.md).
 
@@ -48,6 +50,7 @@ from mohdify.guards import from_demohdified_model, warn_once
 from mohdify.passes.fuse import fuse_graph
 from mohdify.passes.rewrite import rewrite_graph
 from mohdify.passes.targets import mohd_op_nodes
+from mohdify.routers import ROUTER_KINDS
 
 __all__ = ["mohd_backend", "backend_config", "COMPILERS", "CONFIG_OPTIONS"]
 
@@ -55,10 +58,11 @@ log = logging.getLogger("mohdify")
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 CONFIG_OPTIONS = ("num_groups", "num_shared", "top_k", "router", "scaling", "fusion")
-_FIXED = {"router": "magnitude", "fusion": "none"}
+# the router kind the backend routes with: the one without parameters (mohdify/routers.py)
+_FIXED = {"router": next(k.name for k in ROUTER_KINDS.values() if k.backend_refusal is None), "fusion": "none"}
 _WHY_FIXED = {
-    "router": "a learned router has parameters",
-    "fusion": "group fusion has a learnable matrix",
+    "router": lambda name: getattr(ROUTER_KINDS.get(name), "backend_refusal", None) or "it is no router kind",
+    "fusion": lambda name: "group fusion has a learnable matrix",
 }
 
 
@@ -79,8 +83,8 @@ def backend_config(options: Optional[dict] = None) -> tuple[MoHDConfig, str]:
         if key in options and options[key] != required:
             raise ConfigError(
                 f"torch.compile(backend='mohd') got {key}={options[key]!r}, but the backend needs "
-                f"{key}={required!r}: {_WHY_FIXED[key]}, and a compiler backend cannot add parameters to a "
-                f"model. Call mohdify.mohdify(model, MoHDConfig({key}={options[key]!r}, ...), example_inputs=...) "
+                f"{key}={required!r}: {_WHY_FIXED[key](options[key])}, and a compiler backend cannot add parameters "
+                f"to a model. Call mohdify.mohdify(model, MoHDConfig({key}={options[key]!r}, ...), example_inputs=...) "
                 "first, then torch.compile(model, backend='mohd').")
     if not isinstance(options.get("fuse", True), bool):
         raise ConfigError(f"torch.compile(backend='mohd') option fuse must be True or False, got {options['fuse']!r}.")

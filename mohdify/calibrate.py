@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mohdify.passes import mohd_branches
-from mohdify.passes.capture import normalize_inputs
+from mohdify.passes.inputs import normalize_inputs
 
 from .errors import InputError, UnsupportedModelError
 from .modules import MoHDReader

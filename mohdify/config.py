@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import ConfigError
+from .routers import ROUTER_KINDS
 
 __all__ = ["MoHDConfig", "ROUTERS", "SCALINGS", "FUSIONS"]
 
-ROUTERS = ("learned", "magnitude")
+ROUTERS = tuple(ROUTER_KINDS)   # mohdify/routers.py: one entry per router kind
 SCALINGS = ("none", "density", "norm")
 FUSIONS = ("none", "mix")
 
@@ -22,8 +23,9 @@ class MoHDConfig:
         num_shared: N_s, groups that are always active.
         top_k: k, routed groups chosen per token among the N - N_s routed ones.
             Density delta = (N_s + k) / N.
-        router: "learned" (a zero-initialised linear router, softmax, top-k, gates of mean one)
-            or "magnitude" (training-free: the k routed groups of largest energy, gates 1).
+        router: a kind of mohdify/routers.py: "learned" (a zero-initialised linear router, softmax,
+            top-k, gates of mean one) or "magnitude" (training-free: the k routed groups of largest
+            energy, gates 1).
         scaling: activation scaling of the readers' input: "none", "density" (1 / delta) or
             "norm" (||x|| / ||x[active]||).
         fusion: "none", or "mix": a learnable N x N group-mixing matrix on the writer's output,

@@ -185,7 +185,7 @@ def flow(model: nn.Module, batches: Iterable[Any], *, num_groups: int = 16, top_
         top_fraction: a token's "top set" is its ceil(top_fraction x D) dims of largest |x|.
         shared_threshold: a dim is shared when it is in the top set of at least this share of tokens.
     """
-    from mohdify.passes.capture import normalize_inputs
+    from mohdify.passes.inputs import normalize_inputs
     if not 0 < top_fraction <= 1 or not 0 < shared_threshold <= 1:
         raise ConfigError(f"flow: top_fraction and shared_threshold must be in (0, 1], got {top_fraction}, "
                           f"{shared_threshold}.")

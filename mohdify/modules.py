@@ -26,6 +26,7 @@ from mohdify.codegen import read as read_op
 from mohdify.codegen import write as write_op
 
 from .config import MoHDConfig
+from .routers import router_kind
 from .routing import SLOTS, Routing, route_tokens
 
 __all__ = ["MoHDBranch", "MoHDLinear", "MoHDReader", "MoHDWriter", "BalanceLog"]
@@ -82,9 +83,7 @@ class MoHDBranch(nn.Module):
         n, n_s = config.num_groups, config.num_shared
         self.register_buffer("shared_idx", torch.arange(n_s, device=device))
         self.register_buffer("routed_idx", torch.arange(n_s, n, device=device))
-        self.router = None
-        if config.router == "learned":
-            self.router = nn.Parameter(torch.zeros(config.num_routed, hidden_size, dtype=dtype, device=device))
+        self.router = router_kind(config.router).parameter(config.num_routed, hidden_size, dtype, device)
         self.fusion = None
         if config.fusion == "mix":
             self.fusion = nn.Parameter(torch.eye(n, dtype=dtype, device=device))
@@ -99,7 +98,7 @@ class MoHDBranch(nn.Module):
         """Whether an application computes its balance loss: a learned router that requires grad, in a
         pass with autograd on or in training mode (the no-grad forward of reentrant checkpointing),
         outside inference mode."""
-        if self.router is None or not self.router.requires_grad:
+        if not router_kind(self.config.router).has_balance_loss or not self.router.requires_grad:
             return False
         if not (torch.is_grad_enabled() or self.training):
             return False

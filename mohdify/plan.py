@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import MoHDConfig
+from .routers import router_kind
 
 __all__ = ["Branch", "Plan", "untrained_router_note"]
 
@@ -41,9 +42,10 @@ class Branch:
         delta = config.density
         dense = self.linear_params()
         active = round(dense * delta)
-        extra = (config.num_routed * hidden_size if config.router == "learned" else 0)
+        kind = router_kind(config.router)
+        extra = kind.extra_params(config, hidden_size)
         extra += config.num_groups ** 2 if config.fusion == "mix" else 0
-        route_flops = 2 * config.num_routed * hidden_size if config.router == "learned" else 2 * hidden_size
+        route_flops = kind.route_flops(config, hidden_size)
         fusion_flops = 2 * config.num_groups * hidden_size if config.fusion == "mix" else 0
         return {"params": dense + extra, "active_params": active + extra,
                 "flops": 2 * dense, "active_flops": 2 * active + route_flops + fusion_flops}
@@ -127,15 +129,8 @@ class Plan:
 
 
 def untrained_router_note(config: MoHDConfig) -> Optional[str]:
-    """What an untrained learned router does, or None when it does not matter (another router, or
-    delta = 1 where every group is active whatever the router says)."""
-    if config.router != "learned" or config.top_k >= config.num_routed:
-        return None
-    return (f"router='learned' starts untrained: its weights are zero at init (so that delta = 1 is exactly the "
-            f"dense model), so until it is trained every token gets the same {config.top_k} of the "
-            f"{config.num_routed} routed groups (the lowest-numbered ones, ties go to the lower index). For a "
-            "pretrained model, train the router (fine-tune with mohdify.aux_loss), or use router='magnitude' "
-            "(training-free, per-token), optionally with mohdify.calibrate for the shared groups.")
+    """What an untrained router does, or None when it does not matter (see RouterKind.untrained_note)."""
+    return router_kind(config.router).untrained_note(config)
 
 
 def _leaf(name: str, parent: str) -> str:

@@ -55,7 +55,7 @@ from typing import Optional
 
 from torch import fx
 
-from .capture import join_name, module_path, node_value
+from .graph_names import join_name, module_path, node_value
 from .graphview import (
     GraphView,
     canonical,

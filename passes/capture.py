@@ -1,7 +1,7 @@
 """Capture: turn a model and its example inputs into FX graphs the analysis can read.
 
 IR level: ATen graphs from `torch.export` (non-strict), or torch-level graphs from dynamo.
-Front-ends are tried in order, each only if the previous one failed:
+Front-ends (the list `FRONTENDS`) are tried in order, each only if the previous one failed:
   1. `torch.export.export(strict=False)` of the whole model;
   2. dynamo: the graphs torch.compile hands to a collecting backend (graph breaks leave several);
   3. `torch.export` block by block: each child of the model's largest ModuleList of repeated
@@ -15,133 +15,21 @@ Nothing here changes the model's parameters, buffers or modules.
 
 from __future__ import annotations
 
-import inspect
-import re
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import fx, nn
 
-from mohdify.errors import CaptureError, InputError
+from mohdify.errors import CaptureError
 
-__all__ = ["CapturedGraph", "Capture", "normalize_inputs", "capture", "module_path", "node_value"]
+from .captured import Capture, CapturedGraph
+from .graph_names import join_name, module_path
+from .inputs import describe_inputs, normalize_inputs, run_eager
 
-
-@dataclass
-class CapturedGraph:
-    """One captured graph. `prefix` is the qualified name of the captured submodule ("" = model)."""
-
-    graph: fx.Graph
-    frontend: str
-    prefix: str = ""
-    params: dict[str, str] = field(default_factory=dict)   # placeholder name -> parameter's qualified name
-
-
-@dataclass
-class Capture:
-    graphs: list[CapturedGraph]
-    frontend: str
-    failures: list[tuple[str, str]] = field(default_factory=list)   # (front-end, why it failed)
-    # (module name, class name, why) of forwards that ran but that no captured graph shows (dynamo
-    # skipped the frame after a graph break it could not resume from, e.g. inside a loop)
-    unseen: list[tuple[str, str, str]] = field(default_factory=list)
-    called: list[str] = field(default_factory=list)   # modules whose forward ran (eagerly, once)
-
-
-def describe_inputs(example_inputs: Any) -> str:
-    """A short description of example_inputs for error messages."""
-    def one(v):
-        if isinstance(v, torch.Tensor):
-            return f"Tensor{tuple(v.shape)}:{str(v.dtype).replace('torch.', '')}"
-        return type(v).__name__
-    if isinstance(example_inputs, dict):
-        return "{" + ", ".join(f"{k!r}: {one(v)}" for k, v in example_inputs.items()) + "}"
-    if isinstance(example_inputs, (tuple, list)):
-        return "(" + ", ".join(one(v) for v in example_inputs) + ")"
-    return one(example_inputs)
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple, dict]:
-    """example_inputs -> (args, kwargs). HF-style models get `use_cache=False` unless given."""
-    if example_inputs is None:
-        raise InputError(
-            "example_inputs is required: pass a tuple of positional arguments or a dict of keyword "
-            "arguments that the model's forward accepts, e.g. (input_ids,) or {'input_ids': input_ids}.")
-    if isinstance(example_inputs, torch.Tensor):
-        args, kwargs = (example_inputs,), {}
-    elif isinstance(example_inputs, tuple):
-        args, kwargs = example_inputs, {}
-    elif isinstance(example_inputs, list):
-        args, kwargs = tuple(example_inputs), {}
-    elif isinstance(example_inputs, dict):
-        args, kwargs = (), dict(example_inputs)
-    else:
-        raise InputError(
-            f"example_inputs must be a tuple of positional arguments or a dict of keyword arguments, "
-            f"got {type(example_inputs).__name__}: {describe_inputs(example_inputs)}.")
-    if not any(isinstance(v, torch.Tensor) for v in (*args, *kwargs.values())):
-        raise InputError(
-            f"example_inputs must contain at least one tensor, got {describe_inputs(example_inputs)}.")
-    if "use_cache" not in kwargs and _accepts(model, "use_cache"):
-        kwargs["use_cache"] = False
-    return args, kwargs
-
-
-def run_eager(model: nn.Module, args: tuple, kwargs: dict, example_inputs: Any) -> list[str]:
-    """Run the model once on the inputs; wrong inputs fail here with a clear message.
-
-    Returns the qualified names of the modules whose forward ran, in call order."""
-    names = {id(m): n for n, m in model.named_modules()}
-    called: dict[str, None] = {}
-
-    def hook(module, inputs):
-        if id(module) in names:
-            called.setdefault(names[id(module)])
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001 - any failure of the user's forward is reported as bad input
-        raise InputError(
-            f"{type(model).__name__} failed on example_inputs {describe_inputs(example_inputs)}: "
-            f"{type(e).__name__}: {e}. example_inputs must be arguments the model's forward accepts.") from e
-    finally:
-        handle.remove()
-    return list(called)
-
-
-def node_value(node: fx.Node):
-    """The fake/example value of a node (export: meta['val']; dynamo: meta['example_value'])."""
-    return node.meta.get("val", node.meta.get("example_value"))
-
-
-# The root module in a dynamo source path: L['self'] (forward compiled directly), L['mod'] /
-# L['model'] (wrapped), L['args'][0] (HF 5.x decorators wrap forward as `wrapper(*args, **kwargs)`).
-_DYNAMO_PREFIX = re.compile(r"^(L\['(self|mod|model|fn)'\]|L\['args'\]\[0\]|self(?=\.|$))\.?")
-
-
-def module_path(path: str) -> str:
-    """Normalize an nn_module_stack path from export or dynamo to a qualified module name.
-
-    export: "model.layers.0.mlp"; dynamo: "L['self'].model.layers[0].mlp",
-    "L['args'][0]._modules['model']._modules['layers']['0']" and similar forms.
-    """
-    path = _DYNAMO_PREFIX.sub("", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"^_modules\['([^']*)'\]", r"\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    return path.strip(".")
+__all__ = ["CapturedGraph", "Capture", "FrontEnd", "FRONTENDS", "capture"]
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, prefix: str = "") -> CapturedGraph:
@@ -151,9 +39,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, prefix: str = "") -> Ca
     params = {name: join_name(prefix, fqn) for name, fqn in program.graph_signature.inputs_to_parameters.items()}
     return CapturedGraph(program.graph, frontend, prefix, params)
 
-
-def join_name(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def _dynamo_limits() -> dict:
@@ -347,30 +232,11 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
 
 def _capture(model, args, kwargs, called, example_inputs) -> Capture:
     failures: list[tuple[str, str]] = []
-    try:
-        return Capture([_export(model, args, kwargs)], "torch.export", failures)
-    except Exception as e:  # noqa: BLE001 - every front-end failure is recorded and reported
-        failures.append(("torch.export (non-strict)", _why(e)))
-    try:
-        graphs, breaks = _dynamo(model, args, kwargs)
-        why = "; ".join(breaks[:3]) or "a graph break"
-        unseen = _unseen_frames(model, called, graphs, why)
-        if not unseen:
-            return Capture(graphs, "dynamo", failures)
-        blocks = _blocks_that_see(model, args, kwargs, unseen)
-        if blocks is not None:
-            inside = [f for f in unseen if _inside(f[0], blocks)]
-            names = ", ".join(n for n, _, _ in inside)
-            failures.append(("dynamo", f"skipped the frame of {names} ({why}); the blocks are exported one by one"))
-            return Capture(blocks, blocks[0].frontend, failures, [f for f in unseen if f not in inside])
-        return Capture(graphs, "dynamo", failures, unseen)
-    except Exception as e:  # noqa: BLE001
-        failures.append(("dynamo", _why(e)))
-    try:
-        graphs = _export_blocks(model, args, kwargs)
-        return Capture(graphs, graphs[0].frontend, failures)
-    except Exception as e:  # noqa: BLE001
-        failures.append(("torch.export per block", _why(e)))
+    for frontend in FRONTENDS:
+        try:
+            return frontend.run(model, args, kwargs, called, failures)
+        except Exception as e:  # noqa: BLE001 - every front-end failure is recorded and reported
+            failures.append((frontend.name, _why(e)))
     lines = "\n".join(f"  - {name}: {why}" for name, why in failures)
     raise CaptureError(
         f"could not capture a graph of {type(model).__name__} on example_inputs "
@@ -378,6 +244,49 @@ def _capture(model, args, kwargs, called, example_inputs) -> Capture:
         "Make the model exportable (torch.export.export(model, args, kwargs, strict=False)), e.g. by "
         "replacing data-dependent Python control flow with torch.cond / torch.where, or keep its "
         "repeated blocks in an nn.ModuleList so they can be captured one by one.")
+
+
+def _whole_export(model, args, kwargs, called, failures) -> Capture:
+    return Capture([_export(model, args, kwargs)], "torch.export", failures)
+
+
+def _dynamo_graphs(model, args, kwargs, called, failures) -> Capture:
+    """dynamo's graphs; where it skipped frames that per-block export shows, the blocks instead."""
+    graphs, breaks = _dynamo(model, args, kwargs)
+    why = "; ".join(breaks[:3]) or "a graph break"
+    unseen = _unseen_frames(model, called, graphs, why)
+    if not unseen:
+        return Capture(graphs, "dynamo", failures)
+    blocks = _blocks_that_see(model, args, kwargs, unseen)
+    if blocks is not None:
+        inside = [f for f in unseen if _inside(f[0], blocks)]
+        names = ", ".join(n for n, _, _ in inside)
+        failures.append(("dynamo", f"skipped the frame of {names} ({why}); the blocks are exported one by one"))
+        return Capture(blocks, blocks[0].frontend, failures, [f for f in unseen if f not in inside])
+    return Capture(graphs, "dynamo", failures, unseen)
+
+
+def _per_block_export(model, args, kwargs, called, failures) -> Capture:
+    graphs = _export_blocks(model, args, kwargs)
+    return Capture(graphs, graphs[0].frontend, failures)
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """A way to capture a model: `run(model, args, kwargs, called, failures) -> Capture`, raising if it
+    cannot (its failure is recorded under `name` and the next front-end is tried). `called` lists the
+    modules whose forward ran eagerly; `failures` what failed before (a Capture carries it on)."""
+
+    name: str
+    run: Callable[[nn.Module, tuple, dict, list[str], list[tuple[str, str]]], Capture]
+
+
+# The front-ends, tried in this order until one captures. A new one is one entry here.
+FRONTENDS: list[FrontEnd] = [
+    FrontEnd("torch.export (non-strict)", _whole_export),
+    FrontEnd("dynamo", _dynamo_graphs),
+    FrontEnd("torch.export per block", _per_block_export),
+]
 
 
 def _blocks_that_see(model, args, kwargs, unseen) -> Optional[list[CapturedGraph]]:

@@ -41,24 +41,27 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import fx
-from torch._ops import HigherOrderOperator, OpOverload, OpOverloadPacket
+from torch._ops import HigherOrderOperator, OpOverload
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import mohdify.codegen  # noqa: F401 - registers torch.ops.mohdify.*
 
-from .capture import node_value
+from .graph_names import node_value
 from .rewrite import GraphBuilder, graph_fake_mode, unflatten_tokens
-from .targets import mohd_op_kind, mohd_op_nodes
+from .targets import (
+    PLAIN_ADD_METHODS,
+    PLAIN_ADD_TARGETS,
+    RESHAPE_METHODS,
+    mohd_op_kind,
+    mohd_op_nodes,
+    mutates,
+    target_name,
+)
 
 __all__ = ["FuseReport", "fuse_graph"]
 
 _RANDOM_OR_UNINIT = re.compile(r"rand|dropout|bernoulli|multinomial|normal|uniform|poisson|exponential|cauchy|"
                                r"geometric|empty")
-_INPLACE_OPERATORS = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
-                      operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
-                      operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift}
-_SHAPE_METHODS = {"view", "reshape", "contiguous"}
-_ADDS = {operator.add, torch.add}
 
 
 @dataclass
@@ -71,51 +74,10 @@ class FuseReport:
     not_fused: list[tuple[str, str]] = field(default_factory=list)   # (node, why it was left alone)
 
 
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
-
-
-def _binds_inplace(node: fx.Node) -> bool:
-    """Whether a call with an `inplace` parameter (F.relu, F.dropout, ...) is given inplace=True."""
-    try:
-        sig = inspect.signature(node.target)
-    except (TypeError, ValueError):
-        return False
-    if "inplace" not in sig.parameters:
-        return False
-    try:
-        bound = sig.bind(*node.args, **node.kwargs)
-    except TypeError:
-        return True   # cannot tell: assume it mutates
-    return bool(bound.arguments.get("inplace", False))
-
-
-def _mutates(node: fx.Node) -> bool:
-    """Whether a node may write into a tensor (in place, out=, or an unknown module call)."""
-    if node.op == "call_module":
-        return True
-    if node.op == "call_method":
-        name = node.target
-        return (name.endswith("_") and not name.endswith("__")) or name == "__setitem__" or \
-            (name.startswith("__i") and name.endswith("__"))
-    if node.op != "call_function":
-        return False
-    t = node.target
-    if isinstance(t, OpOverload):
-        return t._schema.is_mutable
-    if isinstance(t, OpOverloadPacket):
-        return any(getattr(t, o)._schema.is_mutable for o in t.overloads())
-    if t in _INPLACE_OPERATORS or node.kwargs.get("out") is not None:
-        return True
-    name = _target_name(node)
-    return (name.endswith("_") and not name.endswith("__")) or _binds_inplace(node)
-
-
 def _mergeable(node: fx.Node) -> bool:
-    if node.op not in ("call_function", "call_method") or _mutates(node):
+    if node.op not in ("call_function", "call_method") or mutates(node):
         return False
-    if _RANDOM_OR_UNINIT.search(_target_name(node)):
+    if _RANDOM_OR_UNINIT.search(target_name(node)):
         return False
     if node.op == "call_function":
         if isinstance(node.target, HigherOrderOperator) or node.is_impure():
@@ -147,7 +109,7 @@ def _merge_reads(graph: fx.Graph, b: GraphBuilder, report: FuseReport) -> None:
         if n.op == "call_function" and mohd_op_kind(n.target) == "read" and len(n.args) == 5 and not n.kwargs:
             x, _, bias, mask, alpha = n.args
             groups.setdefault((x, mask, alpha, bias is None), []).append(n)
-    mutations = [n for n in graph.nodes if _mutates(n)]
+    mutations = [n for n in graph.nodes if mutates(n)]
     for reads in groups.values():
         if len(reads) < 2:
             continue
@@ -195,13 +157,13 @@ def _passes_values_through(node: fx.Node, src: fx.Node) -> bool:
     if others:
         return False
     if node.op == "call_method":
-        return node.target in _SHAPE_METHODS
+        return node.target in RESHAPE_METHODS
     return _identity_dropout(node)
 
 
 def _is_plain_add(node: fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in _ADDS)
-            or (node.op == "call_method" and node.target == "add")) \
+    return ((node.op == "call_function" and node.target in PLAIN_ADD_TARGETS)
+            or (node.op == "call_method" and node.target in PLAIN_ADD_METHODS)) \
         and len(node.args) == 2 and not node.kwargs
 
 
@@ -236,7 +198,7 @@ def _residual_add(w: fx.Node) -> Optional[tuple[fx.Node, fx.Node, list[fx.Node]]
 
 
 def _fuse_writes(graph: fx.Graph, b: GraphBuilder, report: FuseReport) -> None:
-    mutations = [n for n in graph.nodes if _mutates(n)]
+    mutations = [n for n in graph.nodes if mutates(n)]
     for w in mohd_op_nodes(graph, ("write",)):
         found = _residual_add(w) if len(w.args) == 5 and not w.kwargs else None
         if found is None:

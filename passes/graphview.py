@@ -1,4 +1,4 @@
-"""The graph view the analysis works on: op tables, node helpers, and a networkx view of an FX graph.
+"""The graph view the analysis works on: op predicates, node helpers, and a networkx view of an FX graph.
 
 IR level: any FX graph whose nodes carry shapes (export: meta['val'], dynamo: meta['example_value']);
 ATen targets (export) and torch-level targets (dynamo: functions and tensor methods) are both listed.
@@ -11,14 +11,13 @@ reads). The FX graph itself is never changed.
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import networkx as nx
 import torch
 from torch import fx
 
-from .capture import join_name, module_path, node_value
+from .graph_names import join_name, module_path, node_value
 from .targets import (
     ADD_METHODS,
     ADD_TARGETS,
@@ -32,21 +31,10 @@ from .targets import (
     SHAPE_METHODS,
     SUB_METHODS,
     SUB_TARGETS,
+    writes_first_arg,
 )
 
 __all__ = ["GraphView", "is_add", "is_sub", "innermost_module", "canonical", "numel", "last_dim", "op_name"]
-
-
-def _in_place(n: fx.Node) -> bool:
-    if n.op == "call_method":
-        return isinstance(n.target, str) and n.target.endswith("_") and not n.target.endswith("__")
-    if n.op == "call_function":
-        if n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv):
-            return True
-        schema = getattr(n.target, "_schema", None)
-        return schema is not None and bool(schema.arguments) and schema.arguments[0].alias_info is not None \
-            and schema.arguments[0].alias_info.is_write
-    return False
 
 
 def _is_call(n: fx.Node, functions: set, methods: set) -> bool:
@@ -146,7 +134,7 @@ class GraphView:
                 resolved[inp] = src
                 self.g.add_edge(src, n)
             self._args[n] = resolved
-            if _in_place(n) and n.args and isinstance(n.args[0], fx.Node):
+            if writes_first_arg(n) and n.args and isinstance(n.args[0], fx.Node):
                 base = n.args[0]
                 latest[base] = n
                 root = resolved.get(base, base)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from torch import fx, nn
 
-from .capture import join_name, module_path
+from .graph_names import join_name, module_path
 from .targets import LINEAR_FNS
 
 __all__ = ["LayerTable", "is_linear_layer", "linear_features"]

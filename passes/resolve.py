@@ -12,25 +12,22 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from .analyze import LinearRef
-from .capture import node_value
+from .graph_names import node_value
 from .graphview import innermost_module
 from .layers import LayerTable
-from .targets import EINSUM_TARGETS, LINEAR_METHODS, LINEAR_TARGETS
+from .targets import (
+    EINSUM_TARGETS,
+    FIXED_ORDER_LINEARS,
+    LINEAR_METHODS,
+    LINEAR_TARGETS,
+    WEIGHT_STEPS,
+    WEIGHT_VIEWS,
+)
 
 __all__ = ["module_resolver", "weight_source"]
-
-
-_LINEAR_FNS = (torch.ops.aten.linear.default, torch._C._nn.linear, F.linear, torch.ops.aten.addmm.default, torch.addmm)
-_WEIGHT_STEPS = 8   # ops between a parameter and the weight operand: t, transpose, permute, slice, view
-# Ops that take a view, a slice or a copy of a weight (a stacked weight's select/index included).
-_WEIGHT_VIEWS = {"t", "T", "mT", "numpy_T", "transpose", "permute", "getitem", "select", "slice", "index",
-                 "view", "reshape", "_unsafe_view", "contiguous", "to", "_to_copy", "alias", "detach", "clone",
-                 "expand", "unsqueeze", "squeeze", "lift_fresh_copy", "getattr", "type_as", "type", "float", "half",
-                 "bfloat16", "double"}
 
 
 def _base_name(n: fx.Node) -> str:
@@ -38,14 +35,14 @@ def _base_name(n: fx.Node) -> str:
     return (t if isinstance(t, str) else getattr(t, "__name__", str(t))).split(".")[0]
 
 
-def weight_source(w, limit: int = _WEIGHT_STEPS):
+def weight_source(w, limit: int = WEIGHT_STEPS):
     """The placeholder or get_attr node a weight operand views (through t, slices, ...), or None."""
     for _ in range(limit):
         if not isinstance(w, fx.Node):
             return None
         if w.op in ("placeholder", "get_attr"):
             return w
-        if w.op not in ("call_function", "call_method") or not w.args or _base_name(w) not in _WEIGHT_VIEWS:
+        if w.op not in ("call_function", "call_method") or not w.args or _base_name(w) not in WEIGHT_VIEWS:
             return None
         w = w.args[0]
     return None
@@ -76,7 +73,7 @@ def _operands(node: fx.Node, is_param: Callable[[Any], bool]) -> Optional[tuple[
     if len(args) <= max(in_idx, w_idx) or not isinstance(args[in_idx], fx.Node):
         return None
     if not is_param(args[w_idx]):
-        if node.target in _LINEAR_FNS or not is_param(args[in_idx]) or not isinstance(args[w_idx], fx.Node):
+        if node.target in FIXED_ORDER_LINEARS or not is_param(args[in_idx]) or not isinstance(args[w_idx], fx.Node):
             return None
         return args[w_idx], args[in_idx]   # W @ x (Mamba's dt_proj.weight @ time_step)
     return args[in_idx], args[w_idx]
@@ -108,7 +105,7 @@ def module_resolver(table: LayerTable, prefix: str,
         if not all(isinstance(v, torch.Tensor) for v in (xv, wv, yv)) or wv.dim() != 2 or xv.dim() == 0:
             return None
         in_f, out_f = int(xv.shape[-1]), int(yv.shape[-1])
-        left = node.args and node.args[0] is w and node.target not in _LINEAR_FNS   # W @ x
+        left = node.args and node.args[0] is w and node.target not in FIXED_ORDER_LINEARS   # W @ x
         if left:
             out_f, in_f = int(wv.shape[0]), int(wv.shape[1])
         elif sorted((in_f, out_f)) != sorted(int(d) for d in wv.shape):

@@ -45,7 +45,7 @@ from mohdify.config import MoHDConfig
 from mohdify.routing import route_tokens
 
 from .analyze import BranchMatch, GraphAnalysis, LinearRef, analyze_graph
-from .capture import node_value
+from .graph_names import node_value
 from .graphview import is_add, last_dim, numel
 from .layers import LayerTable
 from .resolve import module_resolver

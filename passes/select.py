@@ -1,6 +1,6 @@
 """Select: which residual branches are rewritten, and why every other linear layer stays dense.
 
-The one rule `mohdify()`, `explain()` (through find.py) and the backend (through rewrite.py) call.
+The one rule `mohdify()`, `explain()` (through make_plan.py) and the backend (through rewrite.py) call.
 Input: the GraphAnalysis of each captured graph (one for the backend, one per graph for `mohdify()`),
 the hidden size, the model's LayerTable and an optional `keep(name)` (the user's filter_fn).
 A branch is rewritten when its writer and at least one reader are linear layers called as modules,
@@ -22,7 +22,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from mohdify.plan import Branch
 
 from .analyze import BranchMatch, GraphAnalysis
-from .capture import node_value
+from .graph_names import node_value
 from .layers import LayerTable
 
 __all__ = ["Selection", "select_branches", "common_parent", "skip_reasons"]

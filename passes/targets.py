@@ -1,16 +1,22 @@
 """The call targets the passes recognise, in one place: the MoHD ops (for the backend, the fusion
-pass and the names `mohdify.graph()` gives their nodes), and the ATen and torch-level ops the
-analysis reads (linear maps, adds, value-preserving and shape-only ops) in export and dynamo graphs,
-including the linear calls the backend's rewrite replaces."""
+pass and the names `mohdify.graph()` gives their nodes), the ATen and torch-level ops the analysis
+reads (linear maps, weight views, adds, value-preserving and shape-only ops) in export and dynamo
+graphs, the linear calls the backend's rewrite replaces, the ops fusion looks through, and the one
+rule of what writes in place (`writes_first_arg` for the analysis, `mutates` for fusion).
+
+A new residual form (a new way to add, scale or reshape the stream) is an entry in these tables,
+the analysis that reads it (analyze.py) and its tests."""
 
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx
+from torch._ops import OpOverload, OpOverloadPacket
 
 import mohdify.codegen  # noqa: F401 - registers torch.ops.mohdify.*
 
@@ -18,7 +24,9 @@ __all__ = ["MOHD_OPS", "LINEAR_FNS", "ADDMM_FNS", "MATMUL_FNS", "MATMUL_METHODS"
            "LINEAR_TARGETS",
            "LINEAR_METHODS", "EINSUM_TARGETS", "ADD_TARGETS", "ADD_METHODS", "SUB_TARGETS", "SUB_METHODS",
            "ALIAS_TARGETS", "ALIAS_METHODS", "MUL_TARGETS", "MUL_METHODS", "DIV_TARGETS", "DIV_METHODS",
-           "PASS_FUNCTIONS", "PASS_METHODS", "SHAPE_FUNCTIONS", "SHAPE_METHODS"]
+           "PASS_FUNCTIONS", "PASS_METHODS", "SHAPE_FUNCTIONS", "SHAPE_METHODS", "FIXED_ORDER_LINEARS", "WEIGHT_STEPS",
+           "WEIGHT_VIEWS", "PLAIN_ADD_TARGETS", "PLAIN_ADD_METHODS", "RESHAPE_METHODS", "INPLACE_OPERATORS",
+           "target_name", "writes_first_arg", "mutates"]
 
 # kind -> op packet; a graph may call the packet or its .default overload
 MOHD_OPS = {
@@ -36,6 +44,15 @@ LINEAR_FNS = (torch._C._nn.linear, F.linear)    # (input, weight, bias), weight 
 ADDMM_FNS = (torch.addmm,)                      # (bias, input, weight), weight [I, O]
 MATMUL_FNS = (operator.matmul, torch.matmul, torch.mm)   # (input, weight), weight [I, O] (e.g. W.T)
 MATMUL_METHODS = ("matmul", "__matmul__", "mm")
+# linear calls whose weight operand is always the weight (a product of these is never W @ x)
+FIXED_ORDER_LINEARS = (torch.ops.aten.linear.default, torch._C._nn.linear, F.linear, torch.ops.aten.addmm.default,
+                       torch.addmm)
+WEIGHT_STEPS = 8   # ops between a parameter and the weight operand: t, transpose, permute, slice, view
+# Ops (by base name) that take a view, a slice or a copy of a weight (a stacked weight's select/index included).
+WEIGHT_VIEWS = {"t", "T", "mT", "numpy_T", "transpose", "permute", "getitem", "select", "slice", "index",
+                "view", "reshape", "_unsafe_view", "contiguous", "to", "_to_copy", "alias", "detach", "clone",
+                "expand", "unsqueeze", "squeeze", "lift_fresh_copy", "getattr", "type_as", "type", "float", "half",
+                "bfloat16", "double"}
 
 aten = torch.ops.aten
 LINEAR_TARGETS = {
@@ -76,6 +93,72 @@ SHAPE_FUNCTIONS = PASS_FUNCTIONS - MUL_TARGETS - {F.rms_norm, torch.rms_norm, at
                                                   F.relu, F.gelu, F.silu,
                                                   torch.relu, torch.tanh, torch.neg, operator.neg}
 SHAPE_METHODS = PASS_METHODS - MUL_METHODS - {"relu", "tanh", "neg"}
+
+
+# fusion: the adds a write + residual add is fused with, and the methods it looks through between
+# them (the same values, row-major, in another shape; not the casts SHAPE_METHODS allows)
+PLAIN_ADD_TARGETS = {operator.add, torch.add}
+PLAIN_ADD_METHODS = {"add"}
+RESHAPE_METHODS = {"view", "reshape", "contiguous"}
+
+# Python operators that write into their first operand
+INPLACE_OPERATORS = {operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+                     operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+                     operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift}
+
+
+def target_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _inplace_name(name: str) -> bool:
+    """torch's naming rule: `add_`, `mul_` write into self; dunders (`__add__`) do not, `__iadd__` does."""
+    return (name.endswith("_") and not name.endswith("__")) or (name.startswith("__i") and name.endswith("__")) \
+        or name == "__setitem__"
+
+
+def writes_first_arg(node: fx.Node) -> bool:
+    """Whether a node writes into its first argument (y.add_(f), y += f, aten.add_.Tensor)."""
+    if node.op == "call_method":
+        return isinstance(node.target, str) and _inplace_name(node.target)
+    if node.op != "call_function":
+        return False
+    if node.target in INPLACE_OPERATORS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and bool(schema.arguments) and schema.arguments[0].alias_info is not None \
+        and schema.arguments[0].alias_info.is_write
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether a node may write into any tensor: in place on its first argument, a mutable op schema,
+    out=, inplace=True, or an unknown module call."""
+    if node.op == "call_module" or writes_first_arg(node):
+        return True
+    if node.op != "call_function":
+        return False
+    t = node.target
+    if isinstance(t, OpOverload):
+        return t._schema.is_mutable
+    if isinstance(t, OpOverloadPacket):
+        return any(getattr(t, o)._schema.is_mutable for o in t.overloads())
+    return node.kwargs.get("out") is not None or _inplace_name(target_name(node)) or _binds_inplace(node)
+
+
+def _binds_inplace(node: fx.Node) -> bool:
+    """Whether a call with an `inplace` parameter (F.relu, F.dropout, ...) is given inplace=True."""
+    try:
+        sig = inspect.signature(node.target)
+    except (TypeError, ValueError):
+        return False
+    if "inplace" not in sig.parameters:
+        return False
+    try:
+        bound = sig.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return True   # cannot tell: assume it mutates
+    return bool(bound.arguments.get("inplace", False))
 
 
 def mohd_op_kind(target) -> Optional[str]:

@@ -5,7 +5,6 @@ before test modules import mohdify.codegen. Tests run kernels under the interpre
 """
 
 import os
-import sys
 
 if not os.environ.get("MOHDIFY_TEST_CUDA"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -13,8 +12,6 @@ if not os.environ.get("MOHDIFY_TEST_CUDA"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(__file__))   # tests/zoo.py and helpers import as top-level modules
 
 settings.register_profile("ci", deadline=None, max_examples=8, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..cpu.read import read_multi_cpu
 from ..fallback import kernel_or_reference
-from .dispatch import read_backward
+from .fused import read_backward
 from .naive import read_naive
 
 __all__ = ["read_multi", "read_multi_naive"]

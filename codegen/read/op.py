@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..cpu.read import read_cpu
-from .dispatch import read_backward, read_cuda
+from .fused import read_backward, read_cuda
 from .naive import read_naive
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..cpu.write import write_cpu
-from .dispatch import write_backward, write_cuda
+from .fused import write_backward, write_cuda
 from .naive import write_naive
 
 

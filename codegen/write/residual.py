@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..cpu.write import write_add_cpu
 from ..fallback import kernel_or_reference
-from .dispatch import write_backward
+from .fused import write_backward
 from .naive import write_naive
 
 __all__ = ["write_add", "write_add_naive"]

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"   # on sys.path via pyproject's pytest pythonpath
 
 from e2e_models import SHAPES, Decoder, active_width, build_model, mohd_config  # noqa: E402
 from lite_llama import LiteConfig, LiteLlama  # noqa: E402

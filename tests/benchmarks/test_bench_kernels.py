@@ -2,13 +2,11 @@
 the interpreter) writes JSON whose fused rows match the reference. Timings need a GPU."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"   # on sys.path via pyproject's pytest pythonpath
 
 import run_all  # noqa: E402
 

@@ -22,7 +22,6 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
 def _load(path: Path, name: str):
-    sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,7 +1,7 @@
 """The backend on a dense model rewrites the branches mohdify() rewrites, and computes the same logits.
 
 One rule chooses the branches (passes/select.py) for mohdify(), explain() and the backend. Each
-architecture of the zoo (tests/zoo.py, tests/zoo_extra.py) is compiled dense with
+architecture of the zoo (tests/zoo.py, tests/zoo_families.py) is compiled dense with
 backend="mohd" and options equal to a magnitude-router MoHDConfig, and compared with mohdify() of a
 copy under that config: the same branches (names, readers, writer) and the same logits at delta 0.5.
 Besides the zoo: nn.Linear subclasses whose forward is `x @ self.weight.T + self.bias` (dynamo
@@ -20,11 +20,12 @@ import warnings
 import pytest
 import torch
 from conftest import assert_close
+from residual_form_models import XWT
 from strategies import main_output, run
 from torch import nn
 from torch._dynamo.utils import counters
 from zoo import ZOO
-from zoo_extra import EXTRA
+from zoo_families import EXTRA
 
 import mohdify
 
@@ -75,14 +76,10 @@ def test_zoo_architecture(name, caplog):
 D = 32
 
 
-class XWT(nn.Linear):
-    """A linear layer whose forward is a weight product (dynamo inlines it: matmul of a view of W)."""
-
-    def forward(self, x):
-        return x @ self.weight.T + self.bias
-
-
 class XWTBlock(nn.Module):
+    """Attention and MLP of XWT layers (nn.Linear whose forward is `x @ self.weight.T + self.bias`:
+    dynamo inlines it into a matmul of a view of W)."""
+
     def __init__(self):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)

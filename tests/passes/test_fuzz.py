@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 import mohdify
-from mohdify.passes.find import OUTSIDE_BLOCKS
+from mohdify.passes.make_plan import OUTSIDE_BLOCKS
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
 FUZZ_EXAMPLES = int(os.environ.get("MOHDIFY_FUZZ_EXAMPLES", "50"))

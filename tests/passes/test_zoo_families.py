@@ -20,11 +20,12 @@ import importlib
 import pytest
 import torch
 from conftest import assert_close
-from zoo_extra import EXTRA, NETS_BRANCHES, DataDependentNet, EagerOnlyNet, LayerNormOut, Uncapturable, _ids
+from zoo_families import EXTRA, NETS_BRANCHES, DataDependentNet, EagerOnlyNet, LayerNormOut, Uncapturable, _ids
 
 import mohdify
 from mohdify.modules import MoHDReader, MoHDWriter
-from mohdify.passes.find import OUTSIDE_BLOCKS
+from mohdify.passes.graph_names import module_path
+from mohdify.passes.make_plan import OUTSIDE_BLOCKS
 
 capture_mod = importlib.import_module("mohdify.passes.capture")
 DENSE = mohdify.MoHDConfig.dense(num_groups=4, num_shared=1)
@@ -126,8 +127,8 @@ def test_dynamo_module_paths_match_real_modules():
 
     with torch.no_grad():
         torch.compile(model, backend=backend)(**inputs)
-    assert paths and all(capture_mod.module_path(p) == by_id[key] for key, (p, _) in paths), paths[:3]
-    assert "model.layers.1.mlp.down_proj" in {capture_mod.module_path(p) for _, (p, _) in paths}
+    assert paths and all(module_path(p) == by_id[key] for key, (p, _) in paths), paths[:3]
+    assert "model.layers.1.mlp.down_proj" in {module_path(p) for _, (p, _) in paths}
 
 
 def test_hf_model_through_dynamo_gives_the_export_plan(monkeypatch):

@@ -1,4 +1,4 @@
-"""Small models for the cases of issue 7 (tests/passes/test_coverage.py): each is the minimal model that
+"""Small models, one per residual form (tests/passes/test_residual_forms.py): each is the minimal model that
 showed one way the analysis missed a branch, found a false one, or gave an untrue reason."""
 
 from __future__ import annotations

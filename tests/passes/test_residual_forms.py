@@ -1,8 +1,7 @@
-"""Issue 7: every residual branch of a Transformer-shaped model is found, or a true reason is given.
+"""Every residual form of a Transformer-shaped model: each branch is found, or a true reason is given.
 
-Each test is one case of the issue, on the smallest model that showed it (tests/coverage_models.py);
-each failed before the fix (on 4708b48: 40 of 44), except the controls that already worked there
-(`a + m + x`, `+=`). Checks go through the public API: plan.branches (exact readers and
+Each test is one residual form, on the smallest model that shows it (tests/residual_form_models.py).
+Checks go through the public API: plan.branches (exact readers and
 writer), plan.skipped (exact reasons), dense equivalence at delta = 1, demohdify.
 """
 
@@ -16,7 +15,7 @@ import warnings
 import pytest
 import torch
 from conftest import assert_close
-from coverage_models import (
+from residual_form_models import (
     SUMS,
     AddForms,
     BreakBlock,
@@ -33,7 +32,7 @@ from coverage_models import (
     branches_of,
 )
 from zoo import ZOO
-from zoo_extra import EXTRA
+from zoo_families import EXTRA
 
 import mohdify
 
@@ -257,7 +256,7 @@ def test_backend_without_options_warns_once(fresh_dynamo, caplog):
 
 def test_readers_of_a_refused_writer_say_so():
     """A reason is true for its layer: up2 feeds a branch (its writer is refused), not 'no branch'."""
-    from zoo_extra import LayerNormOut
+    from zoo_families import LayerNormOut
     torch.manual_seed(0)
     skipped = dict(mohdify.explain(LayerNormOut().eval(), (torch.randn(2, 5, 32),), DENSE).skipped)
     assert sorted(skipped) == ["down2", "out", "up2"], skipped
@@ -297,7 +296,7 @@ def test_errors_name_the_function_called():
 def test_new_architectures_give_one_plan_with_every_frontend(name, monkeypatch):
     """The same branches and reasons with torch.export, dynamo and export block by block (layers
     outside the blocks are then in no graph, and say so)."""
-    from mohdify.passes.find import OUTSIDE_BLOCKS
+    from mohdify.passes.make_plan import OUTSIDE_BLOCKS
     model, inputs = EXTRA[name].build()
     want = mohdify.explain(model, inputs, DENSE)
     real_export = capture_mod._export

@@ -1,7 +1,7 @@
 """More tiny Transformers (random weights, configs only) and capture-fallback models.
 
 Expected readers / writers come from reading each transformers 5.x modeling file (see
-tests/passes/test_zoo_extra.py for the reasons per architecture), not from running the pass.
+tests/passes/test_zoo_families.py for the reasons per architecture), not from running the pass.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ EXTRA = {
                                              num_key_value_heads=2), D,
                            {**_layers("model.layers.{i}.self_attn", 2, *_ATTN),
                             **_layers("model.layers.{i}.mlp", 2, ["c_fc"], "c_proj")}, never=["lm_head"]),
-    # --- issue 7: more architectures, readers/writers from the transformers 5.x modeling code
+    # --- more architectures, readers/writers from the transformers 5.x modeling code
     # parallel: attn and mlp both read input_layernorm(h); residual + attn + mlp in one sum
     "cohere": ZooModel("cohere", _lm("CohereForCausalLM", "CohereConfig", **_C, num_key_value_heads=2), D,
                        _llama_like(), never=["lm_head"]),
