@@ -29,7 +29,7 @@ def force(monkeypatch):
     def set_path(kind: str, path: str) -> None:
         table = dict(crossover.GROUPED_WHEN)
         for dtype in DTYPES:
-            table[(kind, dtype)] = [(0, 0, 1.0)] if path == "grouped" else []
+            table[(kind, dtype)] = [(0, 0, 1 << 62, 1.0)] if path == "grouped" else []
         monkeypatch.setattr(crossover, "GROUPED_WHEN", table)
     return set_path
 
@@ -179,6 +179,8 @@ def test_crossover_dispatch():
         assert plan_groups(busy, torch.float32, kind, 32).path == "dense", kind
         assert plan_groups(sparse, torch.bfloat16, kind, 32).path == "dense", kind
     assert crossover.grouped_pays("read", torch.float32, 128, 2048, 0.25)
+    assert not crossover.grouped_pays("read", torch.float32, 128, 2048, 0.5)   # big gathers: dense
+    assert crossover.grouped_pays("read", torch.float32, 128, 512, 0.5)
     assert not crossover.grouped_pays("nothing", torch.float32, 128, 2048, 0.01)
 
 
