@@ -219,21 +219,21 @@ def test_training_graph_eager_and_compiled_agree(tokens, fresh_dynamo):
     x = torch.randn(tokens, dim, generator=gen)
     w_up = (torch.randn(ffn, dim, generator=gen) / 16).t().contiguous().t()  # column-major reader
     w_down = torch.randn(dim, ffn, generator=gen) / 7
-    router = torch.randn(6, dim, generator=gen) / 16
+    router = torch.randn(7, dim, generator=gen) / 16
     leaves = [t.clone().requires_grad_() for t in (x, w_up, router, w_down)]
     PATHS.clear()
-    loss = _branch_loss(*leaves, routed=6, top_k=1)                           # 3 of 8 groups per token
+    loss = _branch_loss(*leaves, routed=7, top_k=1)                           # 2 of 8 groups per token: grouped
     eager = torch.autograd.grad(loss, leaves)
     assert PATHS["read_backward:grouped"] == 1 and PATHS["write_backward:grouped"] == 1, dict(PATHS)
     leaves_c = [t.clone().requires_grad_() for t in (x, w_up, router, w_down)]
-    fn = torch.compile(lambda *a: _branch_loss(*a, routed=6, top_k=1), backend="mohd", fullgraph=True)
+    fn = torch.compile(lambda *a: _branch_loss(*a, routed=7, top_k=1), backend="mohd", fullgraph=True)
     PATHS.clear()
     compiled = torch.autograd.grad(fn(*leaves_c), leaves_c)
     assert PATHS["read_backward:grouped"] == 1 and PATHS["write_backward:grouped"] == 1, dict(PATHS)
     for name, a, c in zip(("x", "w_up", "router", "w_down"), eager, compiled):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6, msg=f"compiled grad {name} vs eager")
     leaves_r = [t.double().requires_grad_() for t in (x, w_up, router, w_down)]
-    reference = torch.autograd.grad(_branch_loss(*leaves_r, routed=6, top_k=1, naive=True), leaves_r)
+    reference = torch.autograd.grad(_branch_loss(*leaves_r, routed=7, top_k=1, naive=True), leaves_r)
     for name, a, r in zip(("x", "w_up", "router", "w_down"), eager, reference):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-6, msg=f"eager grad {name} vs float64 autograd")
     assert eager[2].abs().sum() > 0, "the router gets a gradient"
