@@ -93,7 +93,7 @@ def forced(kind: str, dtype: torch.dtype, path: str):
     class Force:
         def __enter__(self):
             self.saved = dict(crossover.GROUPED_WHEN)
-            crossover.GROUPED_WHEN[(kind, dtype)] = [(0, 0, 1.0)] if path == "grouped" else []
+            crossover.GROUPED_WHEN[(kind, dtype)] = [(0, 0, 1 << 62, 1.0)] if path == "grouped" else []
 
         def __exit__(self, *exc):
             crossover.GROUPED_WHEN.clear()

@@ -103,7 +103,7 @@ def read_backward_cpu(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, m
     grad = grad.contiguous()
     if x.shape[0] == 0:
         PATHS["read_backward:empty"] += 1
-        return (x.new_zeros(x.shape), weight.new_zeros(weight.shape), grad.sum(0) if has_bias else None,
+        return (x.new_zeros(x.shape), torch.zeros_like(weight), grad.sum(0) if has_bias else None,
                 alpha.new_zeros(0) if alpha is not None else None)
     plan = _plan(mask, x.dtype, "read_backward", group_size)
     if plan.path == "grouped":
@@ -170,7 +170,7 @@ def write_backward_cpu(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[T
     num_tokens, num_groups = gates.shape
     grad3 = grad.contiguous().view(num_tokens, num_groups, group_size)        # [T, N, G]
     go3 = grad3 if fusion is None else torch.einsum("ij,tig->tjg", fusion.to(grad.dtype), grad3)  # [T, N, G]
-    gz = (go3 * gates[:, :, None].to(grad.dtype)).reshape(num_tokens, -1)    # [T, D]
+    gz = (go3 * gates[:, :, None].to(grad.dtype)).reshape(grad.shape)       # [T, D]
     if num_tokens == 0:
         PATHS["write_backward:empty"] += 1
         grad_fusion = fusion.new_zeros(fusion.shape) if fusion is not None else None

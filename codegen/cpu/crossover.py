@@ -4,7 +4,7 @@ The grouped path runs one matmul per group over the tokens that use it (codegen/
 matmuls are narrow (K or N = G, the group size) and it gathers / scatters rows per group, so it pays
 only when the active (token, group) pairs are a small enough share of T * N and the groups are wide
 enough. This table holds the measured crossover (`benchmarks/bench_cpu_crossover.py`, numbers in
-codegen/README.md): for each op direction and dtype, rows of (minimum group size, minimum tokens,
+codegen/README.md): for each op direction and dtype, rows of (minimum group size, token range,
 largest active share at which grouped was faster than dense). The first row whose group size and
 token count the call meets decides; no row means dense. The dense path stays the fallback
 everywhere (MoHD never slower than its dense-equivalent for the same shape).
@@ -20,19 +20,29 @@ import torch
 __all__ = ["GROUPED_WHEN", "grouped_pays"]
 
 _F32 = torch.float32
-# (kind, dtype) -> [(min group size, min tokens, max active share)], most specific first.
-GROUPED_WHEN: dict[tuple[str, torch.dtype], list[tuple[int, int, float]]] = {
-    ("read", _F32): [(64, 0, 0.5), (32, 0, 0.5)],
-    ("write", _F32): [(64, 0, 0.4), (32, 0, 0.5)],
-    ("read_backward", _F32): [(32, 0, 0.5)],
-    ("write_backward", _F32): [(32, 0, 0.5)],
+_ANY = 1 << 62
+# Measured (benchmarks/bench_cpu_crossover.py, 2 threads, fp32, codegen/README.md): grouped / dense
+# at G 32 (D 512, F 1408) and G 128 (D 2048, F 5632), T 128..8192, delta 0.25 / 0.5 / 0.75.
+# Grouped wins at delta 0.25 almost everywhere (1.1-3.2x), is even at 0.5 for G 32 (0.84-1.20x),
+# wins at 0.5 for G 128 at T 512 (1.36-1.57x), and loses at 0.75 (0.58-1.05x). It also loses when a
+# group's gathered rows grow past ~8 MB (G 32 at T 8192, G 128 at T 2048, delta 0.5: 0.4-0.9x),
+# hence the token caps. Narrower groups (G 8: train_lm.py's D 128) always lose: no row. At G 32,
+# delta 0.5 the op-level reader gain (1.02-1.20x at T 512-2048, D -> F) did not survive in the model
+# (HF Llama D 512, 8 x 256 tokens: MoHD step 0.948x of dense eager with it, 0.969x all dense), so
+# G 32 groups only up to 30% active.
+# (kind, dtype) -> [(min group size, min tokens, max tokens, max active share)], first match decides.
+GROUPED_WHEN: dict[tuple[str, torch.dtype], list[tuple[int, int, int, float]]] = {
+    ("read", _F32): [(128, 0, 1024, 0.5), (128, 0, _ANY, 0.3), (32, 0, _ANY, 0.3)],
+    ("write", _F32): [(128, 0, 1024, 0.5), (128, 0, _ANY, 0.3), (32, 0, _ANY, 0.3)],
+    ("read_backward", _F32): [(128, 0, 1024, 0.5), (128, 0, _ANY, 0.3), (32, 0, _ANY, 0.3)],
+    ("write_backward", _F32): [(128, 0, 1024, 0.5), (128, 0, _ANY, 0.3), (32, 128, 4096, 0.3)],
 }
 
 
 def grouped_pays(kind: str, dtype: torch.dtype, group_size: int, tokens: int, share: float) -> bool:
     """Whether the grouped path is the faster one for a call of `tokens` tokens whose active
     (token, group) pairs are `share` of T * N, at group size `group_size` (0: unknown, taken as wide)."""
-    for min_group, min_tokens, max_share in GROUPED_WHEN.get((kind, dtype), ()):
-        if (group_size == 0 or group_size >= min_group) and tokens >= min_tokens:
+    for min_group, min_tokens, max_tokens, max_share in GROUPED_WHEN.get((kind, dtype), ()):
+        if (group_size == 0 or group_size >= min_group) and min_tokens <= tokens <= max_tokens:
             return share <= max_share
     return False
