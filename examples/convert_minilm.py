@@ -76,8 +76,9 @@ def cosine(model, batches, refs) -> tuple[float, float]:
     return round(cos.mean().item(), 4), round(cos.min().item(), 4)
 
 
-def finetune(model, dense, tok, train_verses, eval_batches, refs, args, label) -> list[dict]:
-    """Distil `model` to `dense`; returns [{step, cosine_mean, cosine_min}] at the eval steps."""
+def finetune(model, dense, tok, train_verses, eval_batches, refs, args, label, on_eval=None) -> list[dict]:
+    """Distil `model` to `dense`; returns [{step, cosine_mean, cosine_min}] at the eval steps (each also passed to
+    `on_eval(curve so far)`, so that an interrupted run keeps what it measured)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     curve = [dict(zip(("step", "cosine_mean", "cosine_min"), (0, *cosine(model, eval_batches, refs))))]
@@ -111,6 +112,8 @@ def finetune(model, dense, tok, train_verses, eval_batches, refs, args, label) -
             curve.append({"step": step, "cosine_mean": mean, "cosine_min": low, "train_loss": round(loss.item(), 4),
                           "elapsed_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
             print(f"  {label} step {step}: cosine {mean:.4f} (min {low:.4f}) loss {loss.item():.4f}", flush=True)
+            if on_eval:
+                on_eval(curve)
     return curve
 
 
@@ -210,13 +213,19 @@ def main(argv=None) -> dict:
             save(False)
         for router in args.routers if "fine-tuned" in args.methods else []:
             torch.manual_seed(args.seed)
+            row = {"density": density, "method": "fine-tuned", "router": router, "steps": args.steps,
+                   "rebasis": args.rebasis, "layer_loss": args.layer_loss, "lr": args.lr, "schedule": args.schedule}
+
+            def partial(curve, row=row):
+                last = curve[-1]
+                row.update(steps=last["step"], cosine_mean=last["cosine_mean"], cosine_min=last["cosine_min"],
+                           cpu_s=last.get("cpu_s", 0.0), curve=list(curve))
+                if row not in rows:
+                    rows.append(row)
+                save(False)
             curve = finetune(make(router, True), dense, tok, train_verses, eval_batches, refs, args,
-                             f"density {density} fine-tuned ({router} router)")
-            rows.append({"density": density, "method": "fine-tuned", "router": router, "steps": args.steps,
-                         "rebasis": args.rebasis, "layer_loss": args.layer_loss, "lr": args.lr,
-                         "schedule": args.schedule, "cosine_mean": curve[-1]["cosine_mean"],
-                         "cosine_min": curve[-1]["cosine_min"], "cpu_s": curve[-1]["cpu_s"], "curve": curve})
-            save(False)
+                             f"density {density} fine-tuned ({router} router)", partial)
+            partial(curve)
     save(True)
     return result
 

@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 def _load(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module                  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -259,6 +260,31 @@ def test_tuned_sweep_brackets_the_best_rate_then_runs_seeds(tmp_path):
         vals[("r1-tuned", tuned.run_name("mohd-d128-delta0.5", lr, 0))] = {"final_val_bpb": v}
     r3 = tuned.wanted(tmp_path, done, only=["r3-tuned"])
     assert len(r3) == 12 and r3[0][1] == "baseline-lr0.003-s0" and r3[0][3] == 1000
+
+
+def test_claims_are_pending_until_every_seed_at_the_best_rate_exists(tmp_path):
+    tuned = _load(ROOT / "experiments" / "tuned.py", "tuned")
+    claims = _load(ROOT / "experiments" / "claims.py", "claims")
+
+    def put(prefix, lr, seed, bpb):
+        path = tmp_path / "r1-tuned" / f"{tuned.run_name(prefix, lr, seed)}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"final_val_bpb": bpb, "git_commit": "abc1234", "git_dirty": False,
+                                    "counts": {"active_params_per_token": 1, "params": 2}}))
+    for lr, (dense, moh) in zip(tuned.FIRST, ((2.0, 1.9), (1.8, 1.7), (1.9, 1.8))):
+        put("dense-d128", lr, 0, dense)
+        put("mohd-d128-delta0.5", lr, 0, moh)
+    first = {c["id"]: c for c in claims.claims(tmp_path)}["R1-tuned"]
+    assert first["status"] == "pending" and first["met"] is False and len(first["sources"]) == 2
+    for s in (1, 2):
+        put("dense-d128", 3e-3, s, 1.8)
+        put("mohd-d128-delta0.5", 3e-3, s, 1.75)
+    done = {c["id"]: c for c in claims.claims(tmp_path)}
+    r1 = done["R1-tuned"]
+    assert r1["status"] == "met" and r1["met"] is True and len(r1["sources"]) == 6
+    assert r1["value"].startswith(f"{(1.7 + 3.5) / 3:.4f} vs 1.8000") and "(-3.70%)" in r1["value"]
+    assert done["R2-controlled"]["status"] == "pending" and done["R5-causal-0.5"]["status"] == "pending"
+    assert "**1.8000**" in claims.sweep_table(tmp_path, "r1-tuned")
 
 
 # ---------------------------------------------------------------- conversion example
