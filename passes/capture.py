@@ -363,7 +363,8 @@ def _capture(model, args, kwargs, called, example_inputs) -> Capture:
             names = ", ".join(n for n, _, _ in inside)
             failures.append(("dynamo", f"skipped the frame of {names} ({why}); the blocks are exported one by one"))
             return Capture(blocks, blocks[0].frontend, failures, [f for f in unseen if f not in inside])
-        return Capture(graphs, "dynamo", failures, unseen)
+        return _real_values(model, args, kwargs, failures, f"skipped the frames of {[n for n, _, _ in unseen]} "
+                            f"({why})") or Capture(graphs, "dynamo", failures, unseen)
     except Exception as e:  # noqa: BLE001
         failures.append(("dynamo", _why(e)))
     try:
@@ -371,6 +372,9 @@ def _capture(model, args, kwargs, called, example_inputs) -> Capture:
         return Capture(graphs, graphs[0].frontend, failures)
     except Exception as e:  # noqa: BLE001
         failures.append(("torch.export per block", _why(e)))
+    found = _real_values(model, args, kwargs, failures, None)
+    if found is not None:
+        return found
     lines = "\n".join(f"  - {name}: {why}" for name, why in failures)
     raise CaptureError(
         f"could not capture a graph of {type(model).__name__} on example_inputs "
@@ -378,6 +382,20 @@ def _capture(model, args, kwargs, called, example_inputs) -> Capture:
         "Make the model exportable (torch.export.export(model, args, kwargs, strict=False)), e.g. by "
         "replacing data-dependent Python control flow with torch.cond / torch.where, or keep its "
         "repeated blocks in an nn.ModuleList so they can be captured one by one.")
+
+
+def _real_values(model, args, kwargs, failures, missed: Optional[str]) -> Optional[Capture]:
+    """The last front-end (passes/capture_real.py): the ops of one eager run, recorded with real values.
+    `missed`: what the front-end before it left unseen (recorded in `failures` when this one works)."""
+    from .capture_real import FRONTEND, capture_real
+    try:
+        graph = capture_real(model, args, kwargs)
+    except Exception as e:  # noqa: BLE001
+        failures.append((FRONTEND, _why(e)))
+        return None
+    if missed:
+        failures.append(("dynamo", f"{missed}; traced with real values instead"))
+    return Capture([graph], FRONTEND, failures)
 
 
 def _blocks_that_see(model, args, kwargs, unseen) -> Optional[list[CapturedGraph]]:
