@@ -25,6 +25,8 @@ from torch import fx, nn
 
 from mohdify.errors import CaptureError
 
+from .capture_real import FRONTEND as REAL_FRONTEND
+from .capture_real import capture_real
 from .captured import Capture, CapturedGraph
 from .graph_names import join_name, module_path
 from .inputs import describe_inputs, normalize_inputs, run_eager
@@ -263,12 +265,24 @@ def _dynamo_graphs(model, args, kwargs, called, failures) -> Capture:
         names = ", ".join(n for n, _, _ in inside)
         failures.append(("dynamo", f"skipped the frame of {names} ({why}); the blocks are exported one by one"))
         return Capture(blocks, blocks[0].frontend, failures, [f for f in unseen if f not in inside])
-    return Capture(graphs, "dynamo", failures, unseen)
+    try:                                   # frames dynamo ran eagerly: follow the real values instead
+        found = _real_trace(model, args, kwargs, called, failures)
+    except Exception as e:  # noqa: BLE001 - recorded; the dynamo graphs stand, with the frames named
+        failures.append((REAL_FRONTEND, _why(e)))
+        return Capture(graphs, "dynamo", failures, unseen)
+    frames = [n or "(model)" for n, _, _ in unseen]
+    failures.append(("dynamo", f"skipped the frames of {frames} ({why}); traced with real values instead"))
+    return found
 
 
 def _per_block_export(model, args, kwargs, called, failures) -> Capture:
     graphs = _export_blocks(model, args, kwargs)
     return Capture(graphs, graphs[0].frontend, failures)
+
+
+def _real_trace(model, args, kwargs, called, failures) -> Capture:
+    """The ops of one eager run, recorded with real values (passes/capture_real.py)."""
+    return Capture([capture_real(model, args, kwargs)], REAL_FRONTEND, failures)
 
 
 @dataclass(frozen=True)
@@ -286,6 +300,7 @@ FRONTENDS: list[FrontEnd] = [
     FrontEnd("torch.export (non-strict)", _whole_export),
     FrontEnd("dynamo", _dynamo_graphs),
     FrontEnd("torch.export per block", _per_block_export),
+    FrontEnd(REAL_FRONTEND, _real_trace),
 ]
 
 

@@ -9,7 +9,10 @@ holder's name, and the distractor layers that must stay dense. Parts:
   attention: separate q/k/v, fused qkv, multi-query (q and a fused kv), with a Linear subclass
     computing `x @ W.T + b` or plain nn.Linear;
   MLPs: plain (up, act, down), gated (gate, up, down), fused (gate_up), nn.Sequential(Linear, GELU, Linear),
-    an MoE of stacked (3-D) expert weights with an nn.Linear router (left dense, with reasons);
+    an MoE of stacked (3-D) expert weights with an nn.Linear router (left dense, with reasons), a
+    Mixtral-style MoE looping over nn.Linear experts that skips experts no token chose (left dense);
+  control flow: a data-dependent Python `if` at the top of a block (export refuses it; the real-value
+    front-end follows it);
   residuals: sequential, or parallel (one or two norms) summed in any order, written `+`, `torch.add`,
     `h.add(f)`, or `h.clone().add_(f, alpha=1.0)`; the stream term scaled or cast to float32;
     dropout and a LayerScale on branch outputs;
@@ -44,6 +47,7 @@ class LayerSpec:
     layer_scale: bool  # a learned per-channel scale on branch outputs
     gate: bool         # a sigmoid gate (a Linear D -> 1) on the MLP output
     xwt: bool          # linears are a Linear subclass computing x @ W.T + b
+    data_if: bool = False   # the block's forward starts with a Python `if` on a tensor's value
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,30 @@ class MoE(nn.Module):
         return out
 
 
+class MoELoop(nn.Module):
+    """Mixtral-style: top-2 of a softmax router, a loop over nn.Linear experts that skips (`continue`)
+    the experts no token chose (a data-dependent Python branch) and scatters each expert's tokens back.
+    Its experts read token subsets, so the block stays dense, with reasons."""
+
+    def __init__(self, d, experts=4):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.experts = nn.ModuleList(nn.ModuleDict({"w1": nn.Linear(d, 2 * d), "w2": nn.Linear(2 * d, d)})
+                                     for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])                                      # [T, D]
+        weights, chosen = torch.softmax(self.router(flat), -1).topk(2, dim=-1)  # [T, 2]
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel() == 0:
+                continue
+            y = expert["w2"](F.gelu(expert["w1"](flat[token])))               # [t, D]
+            out = out.index_add(0, token, weights[token, slot, None] * y)
+        return out.view_as(x)
+
+
 def _add(h, f, how: str):
     if how == "+":
         return h + f
@@ -193,6 +221,8 @@ class Block(nn.Module):
             setattr(self, names[2], nn.Sequential(lin(d, 2 * d), nn.GELU(), lin(2 * d, d)))
         elif ls.mlp == "moe":
             setattr(self, names[2], MoE(d))
+        elif ls.mlp == "moe_loop":
+            setattr(self, names[2], MoELoop(d))
         else:
             setattr(self, names[2], MLP(d, ls.mlp, lin))
         self.norm1 = make_norm(spec.norm, d)
@@ -231,6 +261,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         ls = self.ls
+        if ls.data_if and not bool(x.abs().amax() >= 0):   # never taken for finite inputs; decided by value
+            return x
         if ls.residual == "sequential":
             x = self._close(_add(self._stream(x), self._branch("a", x), ls.add), "a")
             return self._close(_add(self._stream(x), self._branch("m", x), ls.add), "m")
@@ -289,6 +321,8 @@ def expected(spec: Spec) -> Expected:
             out.branches[root] = ([f"{m}.0"], f"{m}.2")
         elif ls.mlp == "moe":
             out.dense += [m, f"{m}.router"]
+        elif ls.mlp == "moe_loop":
+            out.dense += [m, f"{m}.router"] + [f"{m}.experts.{e}.{w}" for e in range(4) for w in ("w1", "w2")]
         else:
             rs, w = MLP_PARTS[ls.mlp]
             out.branches[m] = ([f"{m}.{r}" for r in rs], f"{m}.{w}")
