@@ -363,8 +363,9 @@ def _capture(model, args, kwargs, called, example_inputs) -> Capture:
             names = ", ".join(n for n, _, _ in inside)
             failures.append(("dynamo", f"skipped the frame of {names} ({why}); the blocks are exported one by one"))
             return Capture(blocks, blocks[0].frontend, failures, [f for f in unseen if f not in inside])
-        return _real_values(model, args, kwargs, failures, f"skipped the frames of {[n for n, _, _ in unseen]} "
-                            f"({why})") or Capture(graphs, "dynamo", failures, unseen)
+        frames = [n or "(model)" for n, _, _ in unseen]
+        return _real_values(model, args, kwargs, failures, f"skipped the frames of {frames} ({why})") \
+            or Capture(graphs, "dynamo", failures, unseen)
     except Exception as e:  # noqa: BLE001
         failures.append(("dynamo", _why(e)))
     try:
