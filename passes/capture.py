@@ -25,8 +25,8 @@ from torch import fx, nn
 
 from mohdify.errors import CaptureError
 
+from . import capture_real as real_values
 from .capture_real import FRONTEND as REAL_FRONTEND
-from .capture_real import capture_real
 from .captured import Capture, CapturedGraph
 from .graph_names import join_name, module_path
 from .inputs import describe_inputs, normalize_inputs, run_eager
@@ -282,7 +282,7 @@ def _per_block_export(model, args, kwargs, called, failures) -> Capture:
 
 def _real_trace(model, args, kwargs, called, failures) -> Capture:
     """The ops of one eager run, recorded with real values (passes/capture_real.py)."""
-    return Capture([capture_real(model, args, kwargs)], REAL_FRONTEND, failures)
+    return Capture([real_values.capture_real(model, args, kwargs)], REAL_FRONTEND, failures)
 
 
 @dataclass(frozen=True)
