@@ -81,7 +81,9 @@ def test_contiguous_keeps_the_parameters_and_outputs():
     assert is_column_major(weight)
     mohdify.contiguous(model)
     assert q.weight is weight and weight.is_contiguous() and q.original.weight is weight
-    assert torch.equal(model(**inputs).logits, before)
+    # same values up to summation order: the native CPU decode kernels take column-major readers only,
+    # a row-major reader runs the torch path, which sums a token's groups in another order
+    torch.testing.assert_close(model(**inputs).logits, before, rtol=1e-5, atol=1e-6)
     with pytest.raises(mohdify.UnsupportedModelError, match="not mohdified"):
         mohdify.contiguous(ZOO["llama"].build()[0])
 

@@ -33,7 +33,7 @@ def _saved(name, tmp_path, config=CFG):
 def _no_capture(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("loading captured the model again")
-    monkeypatch.setattr("mohdify.passes.find.capture", refuse)
+    monkeypatch.setattr("mohdify.passes.make_plan.capture", refuse)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])   # nn.Linear and GPT-2's Conv1D
