@@ -169,7 +169,7 @@ def test_write_used_elsewhere_is_not_fused_and_write_add_op_is_write_plus_residu
     for a, b, n in zip(torch.autograd.grad(fused, (u_, w_, gates_, h_), grad),
                        torch.autograd.grad(separate, (u_, w_, gates_, h_), grad), ("u", "weight", "gates", "residual")):
         if n == "gates":   # write reads z = out / gate from its saved output, write_add recomputes W u: rounding
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"write_add grad of {n} differs from write + add")
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"write_add grad of {n} differs")
         else:
             assert torch.equal(a, b), f"write_add grad of {n} differs from write + add"
     result = torch.library.opcheck(OPS.write_add.default, (u_, w_, None, gates_, None, h_))
