@@ -2,10 +2,11 @@
 and `op.py` (its `torch.library.custom_op` registration, with a fake and a backward).
 
 Importing this package registers `torch.ops.mohdify.route`, `.read`, `.read_multi`, `.write` and
-`.write_add` (`read_multi` and `write_add`: the fused forms the torch.compile backend puts in, passes/fuse.py).
+`.write_add` (`read_multi` and `write_add`: the fused forms the torch.compile backend puts in, passes/fuse.py),
+and their `_nograd` twins (nograd.py: no autograd kernel, for the graphs inductor compiles).
 """
 
-from . import autocast  # noqa: F401 - autocast rules for the ops (it imports them first)
+from . import autocast, nograd  # noqa: F401 - autocast rules for the ops; their twins without autograd
 from .read import read, read_naive
 from .route import route, route_naive
 from .write import write, write_naive

@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton launchers: input checks, block configs, interpreter handling.
+"""Helpers shared by the Triton launchers: their input checks, block configs, interpreter handling.
 
 The launchers run on CUDA, or on CPU under the Triton interpreter (`TRITON_INTERPRET=1`, how the
 tests run). Two interpreter facts shape the code here: bf16 `tl.dot` returns garbage there (tiles
@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .contracts import ContractError
 
 
 def interpreting() -> bool:
@@ -40,30 +40,24 @@ def require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def check_device(name: str, t: Tensor) -> None:
-    require(t.device.type == "cuda" or (t.device.type == "cpu" and interpreting()),
-            f"{name} is on {t.device}: the Triton kernels run on CUDA, or on CPU only under TRITON_INTERPRET=1")
-
-
-def check_float(name: str, t: Tensor, like: Optional[Tensor] = None) -> None:
-    require(t.dtype in FLOAT_DTYPES, f"{name} has dtype {t.dtype}: the kernels take float32, float16 or bfloat16")
-    if like is not None:
-        require(t.dtype == like.dtype, f"{name} has dtype {t.dtype}, but the input has {like.dtype}: they must match")
-
-
-def check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
-    require(tuple(t.shape) == tuple(shape), f"{name} has shape {tuple(t.shape)}, required {tuple(shape)}")
-
-
-def check_same_device(name: str, t: Tensor, like: Tensor) -> None:
-    require(t.device == like.device, f"{name} is on {t.device}, but the input is on {like.device}")
-
-
-def check_group_size(group_size: int, what: str) -> None:
-    """`tl.dot` needs every tile dimension >= 16, and blocks must not straddle two groups."""
-    require(group_size % 16 == 0,
-            f"group size {group_size} ({what}) is not supported by the Triton kernels: it must be a multiple "
-            "of 16 (tl.dot tiles are at least 16 wide and a tile must not straddle two groups)")
+def check_triton_inputs(op: str, group_size: int, where: str, tensors: dict[str, Optional[Tensor]]) -> None:
+    """What the Triton kernels add to an op's contract (codegen/contracts.py): the group size `where`
+    (how it came about) is a multiple of 16 (`tl.dot` tiles are >= 16 wide and must not straddle two
+    groups), and every tensor given is on the first one's device, a CUDA device (CPU only under the
+    interpreter). None entries are skipped."""
+    if group_size % 16:
+        raise ContractError(op, f"group size {group_size} ({where}) is not supported by the Triton kernels: it "
+                                "must be a multiple of 16 (tl.dot tiles are at least 16 wide and a tile must not "
+                                "straddle two groups)")
+    (first_name, first), *others = tensors.items()
+    device = first.device
+    if not (device.type == "cuda" or (device.type == "cpu" and interpreting())):
+        raise ContractError(op, f"{first_name} is on {device}: the Triton kernels run on CUDA, or on CPU only under "
+                                "TRITON_INTERPRET=1")
+    for name, t in others:
+        if t is not None and t.device != device:
+            raise ContractError(op, f"{name} is on {t.device}, but {first_name} is on {device}: required the same "
+                                    "device")
 
 
 def divisor_block(group_size: int, cap: int) -> int:

@@ -125,10 +125,17 @@ def _compile(gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: str, m
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
     from torch._inductor.decomposition import select_decomp_table
 
+    from mohdify.codegen.nograd import nograd_pass
     from mohdify.codegen.route.naive import route_naive
-    patches = list_mode_options(mode) if mode else None
+    patches = dict(list_mode_options(mode)) if mode else {}
+    # Inside the compiled graph the readers and writers need no autograd kernel (AOT autograd has
+    # traced their backward already): their `_nograd` twins skip its per-call Python hop.
+    passes = get_custom_graph_passes(patches.get("post_grad_custom_post_pass",
+                                                 torch._inductor.config.post_grad_custom_post_pass))
+    patches["post_grad_custom_post_pass"] = [*passes, nograd_pass()]
     # Routing (top-k of <= a few dozen scores per token) is compiled into the graph's own code rather
     # than called as the mohdify::route custom op: at decode the op's per-call cost (~0.1 ms) was
     # several percent of a step (codegen/README.md). The readers and writers stay custom-op calls.

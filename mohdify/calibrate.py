@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mohdify.passes import mohd_branches
-from mohdify.passes.inputs import normalize_inputs
+from mohdify.passes.inputs import run_batches
 
 from .errors import InputError, UnsupportedModelError
 from .modules import MoHDReader
@@ -51,19 +51,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> dict[str, list[int]]:
         energy[b] += x.view(x.shape[0], b.config.num_groups, b.group_size).pow(2).sum(-1).sum(0)      # [N]
         tokens[b] += x.shape[0]
 
-    handles = [r.register_forward_pre_hook(record) for r in first_reader.values()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()   # calibration passes do not train: they keep no balance loss
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                args, kwargs = normalize_inputs(model, batch)
-                model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
+    run_batches(model, batches, [r.register_forward_pre_hook(record) for r in first_reader.values()])
     empty = [b.name for b in branches if tokens[b] == 0]
     if empty:
         raise InputError(f"calibrate: no calibration token reached branches {empty[:3]} "

@@ -185,7 +185,7 @@ def flow(model: nn.Module, batches: Iterable[Any], *, num_groups: int = 16, top_
         top_fraction: a token's "top set" is its ceil(top_fraction x D) dims of largest |x|.
         shared_threshold: a dim is shared when it is in the top set of at least this share of tokens.
     """
-    from mohdify.passes.inputs import normalize_inputs
+    from mohdify.passes.inputs import run_batches
     if not 0 < top_fraction <= 1 or not 0 < shared_threshold <= 1:
         raise ConfigError(f"flow: top_fraction and shared_threshold must be in (0, 1], got {top_fraction}, "
                           f"{shared_threshold}.")
@@ -212,18 +212,9 @@ def flow(model: nn.Module, batches: Iterable[Any], *, num_groups: int = 16, top_
             accs[name].add(x, gates)
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in readers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
-                args, kwargs = normalize_inputs(model, batch)
-                model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    def batch_mask(batch):
+        mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
+
+    run_batches(model, batches, [m.register_forward_hook(hook(n)) for n, m in readers.items()], batch_mask)
     return _finish({n: a for n, a in accs.items() if a is not None} or {"": _Accumulator(1, 1.0)},
                    num_groups, top_fraction, shared_threshold)

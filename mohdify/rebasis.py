@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mohdify.passes.capture import normalize_inputs
+from mohdify.passes.inputs import normalize_inputs, run_batches
 
 from .config import MoHDConfig
 from .errors import InputError, UnsupportedModelError
@@ -55,17 +55,7 @@ def energy_order(model: nn.Module, batches, example_inputs: Any) -> Tensor:
             energy[i] += x.pow(2).sum(0)
         return record
 
-    handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(first)]
-    was = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            args, kwargs = normalize_inputs(model, batch)
-            model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+    run_batches(model, batches, [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(first)])
     if not energy.any():
         raise InputError("energy_order: no calibration token reached the branches; pass batches the model runs on.")
     share = energy / energy.sum(1, keepdim=True).clamp_min(1e-300)                          # [branches, D]

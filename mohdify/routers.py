@@ -2,23 +2,41 @@
 
 A kind knows its parameters (what MoHDBranch registers), what the plan counts and prints for it
 (parameters, routing FLOPs, a note when it starts untrained), whether it has a balance loss and
-whether the compiler backend can use it (a backend cannot add parameters). The routing math itself
-is `mohdify.routing.route_tokens`: given the kind's parameter (or None) it scores, picks the top-k
-and returns the gates. MoHDConfig.router names a kind of `ROUTER_KINDS`.
+whether the compiler backend can use it (a backend cannot add parameters), and how it scores the
+tokens (`RouterKind.scores`). The rest of the routing math (top-k, gates, activation scale, balance
+loss) is `mohdify.routing.route_tokens`, which asks the kind. MoHDConfig.router names a kind of
+`ROUTER_KINDS`.
 
-A new router kind: one `RouterKind` entry in `ROUTER_KINDS` (and, if it scores tokens another way,
-its scores in routing.py), plus its tests.
+A new router kind: one `RouterKind` entry in `ROUTER_KINDS` (with its scoring function), plus its tests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["RouterKind", "ROUTER_KINDS", "router_kind"]
+__all__ = ["RouterKind", "ROUTER_KINDS", "router_kind", "magnitude_scores", "learned_scores"]
+
+# Shape legend: T = tokens, D = hidden size, N = groups, N_r = routed groups, G = D / N.
+
+
+def magnitude_scores(x: Tensor, weight: Optional[Tensor], group_size: int, routed_idx: Tensor) -> tuple[Tensor, None]:
+    """Magnitude-router scores `[T, N_r]`: the energy ||x_t[group i]||^2 of each routed group; no
+    probabilities (the chosen groups' gates are 1)."""
+    energy = x.float().view(x.shape[0], x.shape[1] // group_size, group_size).pow(2).sum(-1)  # [T, N]
+    return energy[:, routed_idx], None                                        # [T, N_r]
+
+
+def learned_scores(x: Tensor, weight: Optional[Tensor], group_size: int, routed_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Learned-router scores: the softmax over routed groups of `x W^T` (W `[N_r, D]`), `[T, N_r]`
+    fp32; they are also the probabilities the gates and the balance loss use."""
+    probs = torch.softmax(F.linear(x, weight).float(), dim=-1)               # [T, N_r]
+    return probs, probs
 
 
 @dataclass(frozen=True)
@@ -26,6 +44,9 @@ class RouterKind:
     name: str
     learned: bool       # a `[N_r, D]` weight (zero-initialised), a softmax over routed groups, a balance loss
     describe: str       # one line for the docs and the config's error messages
+    # (x [T, D], its weight or None, G, routed_idx [N_r]) -> (scores [T, N_r] for the top-k, probabilities
+    # [T, N_r] for the gates and the balance loss, or None: the chosen groups' gates are 1)
+    scores: Callable[[Tensor, Optional[Tensor], int, Tensor], tuple[Tensor, Optional[Tensor]]]
 
     def parameter(self, num_routed: int, hidden_size: int, dtype=None, device=None) -> Optional[nn.Parameter]:
         """The router weight MoHDBranch registers, or None for a parameter-free kind."""
@@ -63,8 +84,10 @@ class RouterKind:
 
 
 ROUTER_KINDS: dict[str, RouterKind] = {
-    "learned": RouterKind("learned", True, "a zero-initialised linear router, softmax, top-k, gates of mean one"),
-    "magnitude": RouterKind("magnitude", False, "training-free: the k routed groups of largest energy, gates 1"),
+    "learned": RouterKind("learned", True, "a zero-initialised linear router, softmax, top-k, gates of mean one",
+                          learned_scores),
+    "magnitude": RouterKind("magnitude", False, "training-free: the k routed groups of largest energy, gates 1",
+                            magnitude_scores),
 }
 
 

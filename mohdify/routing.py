@@ -20,12 +20,13 @@ import threading
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mohdify.codegen import route as route_op
 
-__all__ = ["Routing", "route_tokens", "magnitude_scores", "activation_scale", "balance_loss", "RoutingSlots"]
+from .routers import router_kind
+
+__all__ = ["Routing", "route_tokens", "activation_scale", "balance_loss", "RoutingSlots"]
 
 
 class Routing(NamedTuple):
@@ -35,12 +36,6 @@ class Routing(NamedTuple):
     scale: Optional[Tensor]    # [T] reader input scale alpha, None for scaling "none"
     gates: Tensor              # [T, N] writer gates in x's dtype, 0 for inactive groups
     balance: Optional[Tensor]  # [] the balance loss N_r sum_i f_i P_i, when asked for
-
-
-def magnitude_scores(x: Tensor, group_size: int, routed_idx: Tensor) -> Tensor:
-    """Magnitude-router scores `[T, N_r]`: the energy ||x_t[group i]||^2 of each routed group."""
-    energy = x.float().view(x.shape[0], x.shape[1] // group_size, group_size).pow(2).sum(-1)  # [T, N]
-    return energy[:, routed_idx]                                              # [T, N_r]
 
 
 def activation_scale(x: Tensor, mask: Tensor, scaling: str, density: float, group_size: int) -> Optional[Tensor]:
@@ -63,24 +58,21 @@ def balance_loss(probs: Tensor, topk: Tensor) -> Tensor:
     return probs.shape[1] * (chosen.mean(0) * probs.mean(0)).sum()
 
 
-def route_tokens(x: Tensor, router: Optional[Tensor], shared_idx: Tensor, routed_idx: Tensor, top_k: int,
-                 scaling: str, density: float, balance: bool = False) -> Routing:
+def route_tokens(x: Tensor, kind: str, router: Optional[Tensor], shared_idx: Tensor, routed_idx: Tensor,
+                 top_k: int, scaling: str, density: float, balance: bool = False) -> Routing:
     """Route the branch input `x` `[T, D]`.
 
     Args:
-        router: `[N_r, D]` learned router weights, or None for the magnitude router.
+        kind: the router kind's name (`mohdify.routers.ROUTER_KINDS`); the kind scores the tokens.
+        router: the kind's weight (`[N_r, D]` for "learned"), or None for a parameter-free kind.
         shared_idx / routed_idx: `[N_s]` / `[N_r]` group ids.
-        balance: compute the balance loss (learned router only). When autograd is off (the no-grad
-            forward of reentrant checkpointing), its router logits are recomputed with autograd on,
-            so the loss still reaches the router.
+        balance: compute the balance loss (kinds with probabilities). When autograd is off (the
+            no-grad forward of reentrant checkpointing), the probabilities are recomputed with
+            autograd on, so the loss still reaches the router.
     """
+    scores_of = router_kind(kind).scores
     group_size = x.shape[1] // (shared_idx.shape[0] + routed_idx.shape[0])   # G
-    probs = None
-    if router is not None:
-        probs = torch.softmax(F.linear(x, router).float(), dim=-1)           # [T, N_r]
-        scores = probs
-    else:
-        scores = magnitude_scores(x, group_size, routed_idx)                 # [T, N_r]
+    scores, probs = scores_of(x, router, group_size, routed_idx)             # [T, N_r], [T, N_r] or None
     mask, topk = route_op(scores.detach(), shared_idx, routed_idx, top_k)    # [T, N], [T, k]
     gates = mask.to(x.dtype)                                                 # [T, N]
     loss = None
@@ -88,9 +80,9 @@ def route_tokens(x: Tensor, router: Optional[Tensor], shared_idx: Tensor, routed
         chosen = probs.gather(1, topk)                                       # [T, k]
         g = top_k * chosen / chosen.sum(-1, keepdim=True)                    # [T, k]
         gates = gates.scatter(1, routed_idx[topk], g.to(x.dtype))            # [T, N]
-        if balance and not probs.requires_grad and router.requires_grad:
+        if balance and not probs.requires_grad and router is not None and router.requires_grad:
             with torch.enable_grad():
-                probs = torch.softmax(F.linear(x.detach(), router).float(), dim=-1)   # [T, N_r]
+                _, probs = scores_of(x.detach(), router, group_size, routed_idx)   # [T, N_r]
                 loss = balance_loss(probs, topk)
         elif balance:
             loss = balance_loss(probs, topk)
@@ -100,12 +92,13 @@ def route_tokens(x: Tensor, router: Optional[Tensor], shared_idx: Tensor, routed
 class RoutingSlots(threading.local):
     """Per-thread hand-off of a branch application's routing from its readers to its writer.
 
-    `slots[id(branch)] = (source, x2, routing)`: `source` is the reader input the routing was
-    computed from (readers given the same tensor reuse it), `x2` its `[T, D]` view.
+    `slots[id(branch)] = (source, x2, routing, xm)`: `source` is the reader input the routing was
+    computed from (readers given the same tensor reuse it), `x2` its `[T, D]` view, `xm` the masked
+    input of the eager masked path (codegen/cpu/masked.py) or None.
     """
 
     def __init__(self):
-        self.slots: dict[int, tuple[Tensor, Tensor, Routing]] = {}
+        self.slots: dict[int, tuple[Tensor, Tensor, Routing, Optional[Tensor]]] = {}
 
 
 SLOTS = RoutingSlots()

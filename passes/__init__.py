@@ -4,6 +4,7 @@
                             dynamo, per block); inputs.py checks and runs the inputs;
 2. analyse  (analyze.py):   FX graph -> residual branches, their readers and writer (networkx), with
                             the linear maps resolve.py recognises and the op tables of targets.py;
+                            sums.py reads residual sums, unwritten.py reports terms from no writer;
 3. select   (select.py):    the one rule choosing the branches to rewrite, and why others stay dense;
 4. plan     (make_plan.py): analyses of all graphs -> one Plan keyed by module names;
 5. apply    (apply.py):     Plan -> the model rewritten in place, reversibly;

@@ -19,7 +19,8 @@ Pattern, per MOHD_SPEC.md:
     cross-attention, which read the encoder stream, are not readers of the decoder branch);
   - every other term of a residual sum that depends on h but does not come from a writer (MoE
     experts: stacked expert weights, each seeing only the tokens routed to it) is reported as a
-    skipped branch, named after the outermost module that computed it.
+    skipped branch, named after the outermost module that computed it (unwritten.py).
+Reading a chain of adds as one sum and following a term back to the stream: sums.py.
 A "linear layer" is whatever `resolve` recognises: a layer called as a module (`LinearRef.layer`),
 or a product with a 2-D weight parameter elsewhere (x @ W, einsum, F.linear on a slice): those find
 their branch like any other, so that the plan can say truly why they stay dense.
@@ -55,23 +56,22 @@ from typing import Optional
 
 from torch import fx
 
-from .graph_names import join_name, module_path, node_value
+from .graph_names import node_value
 from .graphview import (
     GraphView,
     canonical,
-    cls_name,
     innermost_module,
     is_add,
-    is_alias,
     is_div,
     is_mul,
-    is_shape_only,
     is_sub,
     last_dim,
     numel,
     op_name,
 )
+from .sums import stream_source, sum_root, sum_terms
 from .targets import ADD_TARGETS, LINEAR_TARGETS, PASS_FUNCTIONS, PASS_METHODS
+from .unwritten import report_unwritten_terms
 
 __all__ = ["LinearRef", "BranchMatch", "GraphAnalysis", "analyze_graph", "LINEAR_TARGETS", "ADD_TARGETS",
            "innermost_module", "canonical"]
@@ -118,75 +118,11 @@ class GraphAnalysis:
     dense_sums: list[fx.Node] = field(default_factory=list)   # residual sums with a term from no writer (MoE)
 
 
-def _through_copies(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
-    """The only user of `n`, looking through single-use copies and casts of the same size
-    (`h.clone().add_(f)` in an exported graph is clone, then add); None if `n` has several users."""
-    users = view.users(n)
-    while len(users) == 1 and is_alias(users[0]) and numel(users[0]) == numel(n) and len(view.users(users[0])) == 1:
-        users = view.users(users[0])
-    return users[0] if len(users) == 1 else None
-
-
-def _sum_root(view: GraphView, n: fx.Node) -> fx.Node:
-    """The last add of the chain of adds `n` is part of (an add whose only user is an add of its size)."""
-    while True:
-        user = _through_copies(view, n)
-        if user is None or not is_add(user) or numel(user) != numel(n):
-            return n
-        n = user
-
-
-def sum_terms(view: GraphView, root: fx.Node) -> list[fx.Node]:
-    """The terms of the residual sum ending at `root`, inner adds of the chain flattened."""
-    out, todo = [], [root]
-    while todo:
-        n = todo.pop()
-        inner = n
-        while inner is not root and is_alias(inner) and len(view.users(inner)) == 1 and \
-                isinstance(view.arg(inner, 0), fx.Node) and numel(view.arg(inner, 0)) == numel(inner):
-            inner = view.arg(inner, 0)   # a single-use copy of an inner add
-        single = _through_copies(view, inner) is not None and numel(inner) == numel(root)
-        if is_add(inner) and (inner is root or single):
-            todo.extend(reversed(view.add_operands(inner)))
-        else:
-            out.append(n)
-    return out
-
-
-def _stream_parent(view: GraphView, n: fx.Node) -> Optional[fx.Node]:
-    """The node whose value `n` carries unchanged or scaled: through casts, copies, shape-only ops
-    and a product with a scalar or a vector (DeepNorm's alpha * h); None if `n` is no such op."""
-    if is_alias(n) or is_shape_only(n):
-        src = view.arg(n, 0)
-        return src if isinstance(src, fx.Node) and numel(src) == numel(n) else None
-    if is_mul(n) or is_div(n):
-        a, b = view.arg(n, 0), view.arg(n, 1)
-        candidates = [a, b] if is_mul(n) else [a]
-        for x, other in zip(candidates, [b, a]):
-            if not isinstance(x, fx.Node) or numel(x) != numel(n):
-                continue
-            if not isinstance(other, fx.Node) or (numel(other) or 0) <= (last_dim(n) or 0) or last_dim(other) == 1:
-                return x   # times a scalar, a vector or a per-token [.., 1] scale
-    return None
-
-
-def stream_source(view: GraphView, term: fx.Node, accept: Callable[[fx.Node], bool], limit: int = 8):
-    """The first node from `term` back through `_stream_parent` that `accept`s, or None."""
-    node = term
-    for _ in range(limit):
-        if node is None:
-            return None
-        if accept(node):
-            return node
-        node = _stream_parent(view, node)
-    return None
-
-
 def _residual_sum(view: GraphView, n: fx.Node, lin: LinearRef, size: Optional[int]):
     """(sum root, h) if the add `n` that `lin`'s output reaches is a residual sum for it, else None."""
     if not is_add(n):
         return None
-    root = _sum_root(view, n)
+    root = sum_root(view, n)
     if numel(root) != size or last_dim(root) != lin.out_features:
         return None
 
@@ -322,90 +258,5 @@ def analyze_graph(graph: fx.Graph, resolve: Callable[[fx.Node], Optional[LinearR
             analysis.skipped.append((lin.fqn, f"its output reaches the residual add only through "
                                      f"{_blocking_op(view, lin, add, prefix)}, which does not keep zeros "
                                      "(e.g. a LayerNorm subtracts the mean), so it is not a MoHD writer; left dense"))
-    _unwritten_terms(view, analysis, owns, prefix)
+    report_unwritten_terms(view, analysis, owns, prefix)
     return analysis
-
-
-def _split(update: fx.Node, view: GraphView) -> list[fx.Node]:
-    """Split a term of a residual sum into its summands, looking through adds and shape-only ops."""
-    out, todo, seen = [], [update], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_add(n):
-            todo.extend(view.inputs(n))
-        elif is_shape_only(n):
-            todo.extend(view.inputs(n)[:1])
-        elif (scaled := _stream_parent(view, n)) is not None:   # a LayerScale, a router weight
-            todo.append(scaled)
-        else:
-            out.append(n)
-    return out
-
-
-def _unwritten_terms(view: GraphView, analysis: GraphAnalysis, owns: dict, prefix: str) -> None:
-    """Report residual-sum terms that depend on h but come from no writer (e.g. MoE experts)."""
-    known = {b.stream for b in analysis.branches} | {b.add for b in analysis.branches}
-    known |= {canonical(n) for n in known}
-    roots = list(dict.fromkeys(b.add for b in analysis.branches))
-    roots += [n for n in view.order if is_add(n) and n not in roots and last_dim(n) == analysis.hidden_size
-              and _sum_root(view, n) is n]
-    for root in roots:
-        terms = sum_terms(view, root)
-        size = numel(root)
-
-        def on_stream(s: fx.Node, size: Optional[int] = size) -> bool:
-            return (s in known or canonical(s) in known) and numel(s) == size
-        streams = {t: h for t in terms if (h := stream_source(view, t, on_stream)) is not None}
-        if not streams and len(terms) > 1:   # a stream no branch has read yet (post-norm, before an MoE)
-            for t in terms:
-                others = [o for o in terms if o is not t]
-
-                def feeds_all(s: fx.Node, size: Optional[int] = size, others=others) -> bool:
-                    return numel(s) == size and all(s in view.ancestors(o) for o in others)
-                if (h := stream_source(view, t, feeds_all)) is not None:
-                    streams = {t: h}
-                    break
-        if not streams or len(streams) == len(terms):
-            continue
-        h = next(iter(streams.values()))
-        sources = _stream_chain(view, h)
-        writers = owns.get(root, [])
-        covered = set().union(*(own for _, own in writers)) if writers else set()
-        for term in (t for t in terms if t not in streams):
-            for part in _split(term, view):
-                if part in covered or not sources & view.ancestors(part) or \
-                        any(b.node in view.ancestors(part) for b in analysis.blocked):   # reported with its writer
-                    continue
-                owner, cls = _term_owner(part, h, [w.fqn for w, _ in writers], prefix)
-                analysis.dense_sums.append(root)
-                analysis.skipped.append((owner or part.name, (
-                    f"residual branch ({cls or 'unknown module'}) whose output does not come from a linear writer "
-                    "(e.g. MoE experts, which hold stacked expert weights and see only the tokens routed to them); "
-                    "left dense")))
-
-
-def _stream_chain(view: GraphView, h: fx.Node, limit: int = 8) -> set:
-    """h and the nodes it carries the value of (through copies, casts and scales; their canonical forms)."""
-    out, node = set(), h
-    for _ in range(limit):
-        if node is None:
-            break
-        out |= {node, canonical(node)}
-        node = _stream_parent(view, node)
-    return out
-
-
-def _term_owner(term: fx.Node, h: fx.Node, writers: list[str], prefix: str) -> tuple[str, str]:
-    """The outermost module that computed `term` from h and holds no writer of the same add."""
-    stack = term.meta.get("nn_module_stack") or {}
-    hstack = h.meta.get("nn_module_stack") or {}
-    for key, (path, cls) in stack.items():
-        if key in hstack:
-            continue
-        name = join_name(prefix, module_path(path))
-        if not any(w == name or w.startswith(name + ".") for w in writers):
-            return name, cls_name(cls)
-    return innermost_module(term, prefix)

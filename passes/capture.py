@@ -16,7 +16,7 @@ Nothing here changes the model's parameters, buffers or modules.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -218,23 +218,29 @@ def _unseen_frames(model: nn.Module, called: list[str], graphs: list[CapturedGra
     return out
 
 
-def capture(model: nn.Module, example_inputs: Any) -> Capture:
+def capture(model: nn.Module, example_inputs: Any, after: str = "",
+            failures: Sequence[tuple[str, str]] = ()) -> Capture:
     """Capture graphs of `model` on `example_inputs`, trying each front-end in order.
 
+    `after`: the name of a front-end whose graphs did not do; the ones after it are tried, and
+    `failures` (what failed so far, with why) is carried on.
     The dynamo front-end resets dynamo's caches before and after it runs (torch._dynamo.reset()),
     so that what it captures does not depend on what was compiled before; functions the user compiled
     earlier compile again on their next call.
     """
+    names = [f.name for f in FRONTENDS]
+    if after and after not in names:
+        raise ValueError(f"capture(after={after!r}): required one of {names}")
     args, kwargs = normalize_inputs(model, example_inputs)
     called = run_eager(model, args, kwargs, example_inputs)
-    cap = _capture(model, args, kwargs, called, example_inputs)
+    start = names.index(after) + 1 if after else 0
+    cap = _capture(model, args, kwargs, called, example_inputs, FRONTENDS[start:], list(failures))
     cap.called = called
     return cap
 
 
-def _capture(model, args, kwargs, called, example_inputs) -> Capture:
-    failures: list[tuple[str, str]] = []
-    for frontend in FRONTENDS:
+def _capture(model, args, kwargs, called, example_inputs, frontends, failures) -> Capture:
+    for frontend in frontends:
         try:
             return frontend.run(model, args, kwargs, called, failures)
         except Exception as e:  # noqa: BLE001 - every front-end failure is recorded and reported

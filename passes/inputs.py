@@ -1,20 +1,23 @@
 """Inputs: a model's example_inputs normalised to (args, kwargs), described, and run once eagerly.
 
 Used by every entry point that runs the user's model on example inputs (api, calibrate, flow, capture):
-bad inputs fail here, once, with a message naming what was passed and what is required.
+bad inputs fail here, once, with a message naming what was passed and what is required. The
+calibration passes (calibrate, rebasis.energy_order, flow) run their batches with `run_batches`.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from mohdify.errors import InputError
 
-__all__ = ["describe_inputs", "normalize_inputs", "run_eager"]
+__all__ = ["describe_inputs", "normalize_inputs", "run_eager", "run_batches"]
 
 
 def describe_inputs(example_inputs: Any) -> str:
@@ -85,3 +88,25 @@ def run_eager(model: nn.Module, args: tuple, kwargs: dict, example_inputs: Any) 
     finally:
         handle.remove()
     return list(called)
+
+
+def run_batches(model: nn.Module, batches: Iterable[Any], hooks: Iterable[RemovableHandle],
+                before_each: Optional[Callable[[Any], None]] = None) -> None:
+    """Run the model on each batch (`normalize_inputs`) in eval mode without gradients, for the hooks
+    `hooks` (registered by the caller) to read; `before_each(batch)` runs before each forward. The
+    hooks are removed and every module's training flag restored afterwards, also when a forward fails."""
+    hooks = list(hooks)
+    modes = {m: m.training for m in model.modules()}
+    model.eval()   # calibration passes do not train: no dropout, no balance loss
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if before_each is not None:
+                    before_each(batch)
+                args, kwargs = normalize_inputs(model, batch)
+                model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training

@@ -16,7 +16,7 @@ from typing import Any, Optional
 from torch import nn
 
 from mohdify.config import MoHDConfig
-from mohdify.errors import UnsupportedModelError
+from mohdify.errors import CaptureError, UnsupportedModelError
 from mohdify.plan import Plan
 
 from .analyze import analyze_graph
@@ -78,15 +78,27 @@ def _unrecognised_calls(graphs, modules: dict[str, nn.Module]) -> dict[str, str]
     return out
 
 
+def _analyse(cap, table: LayerTable):
+    resolvers = [module_resolver(table, g.prefix, g.params) for g in cap.graphs]
+    return resolvers, [analyze_graph(g.graph, r, g.prefix) for g, r in zip(cap.graphs, resolvers)]
+
+
 def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig] = None,
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> Plan:
     """Capture and analyse `model`; return the Plan. Changes nothing."""
     config = config or MoHDConfig()
-    cap = capture(model, example_inputs)
     modules = dict(model.named_modules())
     table = LayerTable.of_model(model)
-    resolvers = [module_resolver(table, g.prefix, g.params) for g in cap.graphs]
-    analyses = [analyze_graph(g.graph, r, g.prefix) for g, r in zip(cap.graphs, resolvers)]
+    cap = capture(model, example_inputs)
+    resolvers, analyses = _analyse(cap, table)
+    if cap.frontend == "dynamo" and not any(a.hidden_size for a in analyses):
+        # graph breaks inside the blocks put a branch and its residual add in different graphs
+        why = "its graphs show no residual add beside the branch that feeds it (graph breaks split the blocks)"
+        try:
+            cap = capture(model, example_inputs, after="dynamo", failures=[*cap.failures, ("dynamo", why)])
+            resolvers, analyses = _analyse(cap, table)
+        except CaptureError:
+            pass   # no later front-end captures: the dynamo graphs stand and the error below says why
     hiddens = [a.hidden_size for a in analyses if a.hidden_size]
     if not hiddens:
         found = sum(len(a.linears) for a in analyses)

@@ -13,7 +13,7 @@ Pattern: the residual branches of `passes.analyze.analyze_graph`, where a linear
 traced inside a linear layer with its own weight, a parameter placeholder (or get_attr).
 Each branch (readers R_j, writer W_o) becomes
     x2      = x.reshape(-1, D)                            once per distinct reader input x
-    routing = route_tokens(x2, None, shared, routed, k, scaling, density)   (mask, scale, gates, _)
+    routing = route_tokens(x2, "magnitude", None, shared, routed, k, scaling, density)   (mask, scale, gates, _)
     R_j:  mohdify.read(x2, W_j, b_j, routing.mask, routing.scale), viewed back to [..., O_j]
     W_o:  mohdify.write(u.reshape(-1, I), W_o, b_o, routing.gates, None), viewed back to [..., D]
 where the writer takes the routing of the input of the last reader that runs before it (what the
@@ -145,8 +145,8 @@ def _route(b: GraphBuilder, x: fx.Node, hidden: int, config: MoHDConfig, before:
         shared = b.node("call_function", torch.arange, (0, config.num_shared), before, on_device)  # [N_s]
         routed = b.node("call_function", torch.arange, (config.num_shared, config.num_groups), before,
                         on_device)                                                          # [N_r]
-        routing = b.node("call_function", route_tokens, (x2, None, shared, routed, config.top_k, config.scaling,
-                                                         config.density), before)
+        routing = b.node("call_function", route_tokens, (x2, config.router, None, shared, routed, config.top_k,
+                                                         config.scaling, config.density), before)
         mask, scale, gates = (b.node("call_function", operator.getitem, (routing, i), before) for i in range(3))
     return x2, mask, (scale if config.scaling != "none" else None), gates
 

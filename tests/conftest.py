@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any @triton.jit function is defined, so it i
 before test modules import mohdify.codegen. Tests run kernels under the interpreter on CPU.
 """
 
+import logging
 import os
 
 if not os.environ.get("MOHDIFY_TEST_CUDA"):
@@ -12,6 +13,24 @@ if not os.environ.get("MOHDIFY_TEST_CUDA"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+# pytest (>= 8) attaches its log-capture handlers to every logger that does not propagate, so torch's
+# structured-trace logger gains handlers and builds its payloads (graphs, guards, tensor metadata) at
+# every compile: ~10-15% of the CPU time of the compile-heavy tests. Propagating, it has no handler of its
+# own once torch's lazy handler removes itself, and torch skips the payloads (its records still reach the
+# root logger's capture). Set here, before pytest's session handlers attach, and before each test
+# (torch._logging.set_logs() resets it).
+_TRACE_LOG = logging.getLogger("torch.__trace")
+_TRACE_LOG.propagate = True
+
+
+@pytest.fixture(autouse=True)
+def _no_structured_trace_payloads():
+    _TRACE_LOG.propagate = True
+    for handler in [h for h in _TRACE_LOG.handlers if type(h).__module__.startswith("_pytest")]:
+        _TRACE_LOG.removeHandler(handler)
+    yield
+
 
 settings.register_profile("ci", deadline=None, max_examples=8, derandomize=True, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..launch_common import check_shape
+from ..contracts import check_read_backward
 from ..write.launch import write_triton
-from .launch import check_read_inputs, read_triton
+from .launch import check_read_devices, read_triton
 
 __all__ = ["read_backward_triton"]
 
@@ -29,9 +29,8 @@ def read_backward_triton(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool
     groups inactive for a whole token tile. grad_alpha needs W[:, A] x[A] again: the reader kernel
     recomputes it. grad_w (a dense [O, D] result) and grad_b stay cuBLAS / torch reductions.
     """
-    group_size = check_read_inputs(x, weight, None, mask, alpha)
-    num_tokens, num_groups = mask.shape
-    check_shape("grad", grad, (num_tokens, weight.shape[0]))
+    group_size = check_read_backward("read_backward_triton", grad, x, weight, mask, alpha)
+    check_read_devices("read_backward_triton", group_size, x, [weight], [None], mask, alpha)
     scale = mask.to(torch.float32)                                            # [T, N]
     grad_alpha = None
     grad_scaled = grad                                                        # [T, O]

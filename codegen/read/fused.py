@@ -3,7 +3,7 @@
 The backward is its own custom op so that torch.compile / AOT autograd can trace the registered
 autograd formula (a Triton launcher cannot take fake tensors): on CPU it runs
 codegen/cpu/backward.py (active groups only), on CUDA the launchers. Inputs the kernels cannot take run the reference
-with a warning (codegen/fallback.py). The CPU forward kernel is codegen/cpu/read.py.
+with a warning (codegen/devices.py). The CPU forward kernel is codegen/cpu/read.py.
 """
 
 from typing import Optional
@@ -12,14 +12,14 @@ import torch
 from torch import Tensor
 
 from ..cpu.backward import read_backward_cpu
-from ..fallback import kernel_or_reference
+from ..devices import kernel_or_reference, register_devices
 from .naive import read_backward_naive, read_naive
 
 
-def _check(x, weight, bias, mask, alpha) -> None:
+def _check(op: str, x, weight, bias, mask, alpha) -> None:
     from .launch import check_read_inputs
 
-    check_read_inputs(x, weight, bias, mask, alpha)
+    check_read_inputs(op, x, [weight], [bias], mask, alpha)
 
 
 def read_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, alpha: Optional[Tensor]) -> Tensor:
@@ -29,7 +29,7 @@ def read_cuda(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, a
 
         return read_triton(x, weight, bias, mask, alpha)
 
-    return kernel_or_reference("mohdify::read", lambda: _check(x, weight, bias, mask, alpha), kernel,
+    return kernel_or_reference("mohdify::read", lambda op: _check(op, x, weight, bias, mask, alpha), kernel,
                                lambda: read_naive(x, weight, bias, mask, alpha))
 
 
@@ -47,21 +47,22 @@ def read_backward_op(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, ma
     return _pack(grads, has_bias, alpha is not None, x)
 
 
-@read_backward_op.register_kernel("cuda")
 def _read_backward_cuda(grad, x, weight, has_bias, mask, alpha):
     def kernel():
         from .backward import read_backward_triton
 
         return read_backward_triton(grad, x, weight, has_bias, mask, alpha)
 
-    grads = kernel_or_reference("mohdify::read_backward", lambda: _check(x, weight, None, mask, alpha), kernel,
+    grads = kernel_or_reference("mohdify::read_backward", lambda op: _check(op, x, weight, None, mask, alpha), kernel,
                                 lambda: read_backward_naive(grad, x, weight, has_bias, mask, alpha))
     return _pack(grads, has_bias, alpha is not None, x)
 
 
-@read_backward_op.register_kernel("cpu")
 def _read_backward_cpu(grad, x, weight, has_bias, mask, alpha):
     return _pack(read_backward_cpu(grad, x, weight, has_bias, mask, alpha), has_bias, alpha is not None, x)
+
+
+register_devices(read_backward_op, cpu=_read_backward_cpu, cuda=_read_backward_cuda)
 
 
 @read_backward_op.register_fake

@@ -10,7 +10,7 @@ With SPLIT > 1 the groups are dealt round-robin over SPLIT programs per tile tha
 partials into a zeroed fp32 output with atomics: for decode, where T/BM x O/BN tiles alone do not
 fill the GPU. alpha is linear and bias is added by split 0 only, so both stay fused.
 
-`read_multi_kernel` runs several readers of the same input (q|k|v, gate|up) in one launch.
+`read_multi_kernel` runs one reader, or several of the same input (q|k|v, gate|up), in one launch.
 
 Shape legend: T = tokens, D = in_features = N * G, O = out_features, N = groups, G = group size.
 """
@@ -34,7 +34,7 @@ def read_tile(
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """One [BM, BN] tile of y (tile pid_m, pid_n; split pid_s): the body of both reader kernels."""
+    """One [BM, BN] tile of y (tile pid_m, pid_n; split pid_s): the body of `read_multi_kernel`."""
     offs_m = pid_m * BM + tl.arange(0, BM)                                    # [BM] tokens
     offs_n = pid_n * BN + tl.arange(0, BN)                                    # [BN] outputs
     offs_k = tl.arange(0, BK)                                                 # [BK]
@@ -71,26 +71,6 @@ def read_tile(
         tl.atomic_add(y_ptrs, acc, mask=ok)                                   # y is fp32 here
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def read_kernel(
-    x_ptr, w_ptr, b_ptr, mask_ptr, alpha_ptr, y_ptr,
-    T, O, N,
-    stride_xt, stride_xd,
-    stride_wo, stride_wd,
-    stride_mt, stride_mn,
-    stride_a,
-    stride_yt, stride_yo,
-    G: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    read_tile(x_ptr, w_ptr, b_ptr, mask_ptr, alpha_ptr, y_ptr,
-              tl.program_id(0), tl.program_id(1), tl.program_id(2), T, O, N,
-              stride_xt, stride_xd, stride_wo, stride_wd, stride_mt, stride_mn, stride_a, stride_yt, stride_yo,
-              G, HAS_BIAS, HAS_ALPHA, SPLIT, UPCAST, IEEE, BM, BN, BK)
 
 
 @triton.jit

@@ -14,54 +14,29 @@ import torch
 import triton
 from torch import Tensor
 
-from ..launch_common import (
-    KernelConfig,
-    check_device,
-    check_float,
-    check_group_size,
-    check_same_device,
-    check_shape,
-    divisor_block,
-    ieee_for,
-    require,
-    split_for,
-    upcast_for,
-)
-from .kernel import read_kernel, read_multi_kernel
+from ..contracts import check_read_multi
+from ..launch_common import KernelConfig, check_triton_inputs, divisor_block, ieee_for, require, split_for, upcast_for
+from .kernel import read_multi_kernel
 
 __all__ = ["read_triton", "read_multi_triton", "check_read_inputs", "default_read_config",
            "MAX_WEIGHTS_PER_LAUNCH"]
 
 
-def check_read_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
+def check_read_inputs(op: str, x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], mask: Tensor,
                       alpha: Optional[Tensor]) -> int:
-    """Validate the reader's inputs for the kernel; returns the group size G."""
-    require(x.dim() == 2, f"x has shape {tuple(x.shape)}: the kernel takes a 2-D [T, D] input")
-    require(weight.dim() == 2, f"weight has shape {tuple(weight.shape)}: required 2-D [O, D]")
-    require(mask.dim() == 2 and mask.shape[0] == x.shape[0],
-            f"mask has shape {tuple(mask.shape)}: required [T, N] with T = x.shape[0] = {x.shape[0]}")
-    require(mask.dtype == torch.bool, f"mask has dtype {mask.dtype}: required torch.bool")
-    num_tokens, dim = x.shape
-    num_groups = mask.shape[1]
-    require(num_groups >= 1 and dim % num_groups == 0,
-            f"mask has {num_groups} groups, which does not divide x.shape[1] = {dim}")
-    require(weight.shape[1] == dim, f"weight has shape {tuple(weight.shape)}: required [O, {dim}] (D = x.shape[1])")
-    group_size = dim // num_groups
-    check_group_size(group_size, f"x.shape[1] = {dim} / mask.shape[1] = {num_groups}")
-    check_device("x", x)
-    check_float("x", x)
-    check_float("weight", weight, like=x)
-    for name, t in (("weight", weight), ("mask", mask)):
-        check_same_device(name, t, x)
-    if bias is not None:
-        check_shape("bias", bias, (weight.shape[0],))
-        check_float("bias", bias)
-        check_same_device("bias", bias, x)
-    if alpha is not None:
-        check_shape("alpha", alpha, (num_tokens,))
-        check_float("alpha", alpha)
-        check_same_device("alpha", alpha, x)
+    """The reader contract (codegen/contracts.py) for each weight, and what the kernel adds; returns G."""
+    group_size = check_read_multi(op, x, weights, biases, mask, alpha)
+    check_read_devices(op, group_size, x, weights, biases, mask, alpha)
     return group_size
+
+
+def check_read_devices(op: str, group_size: int, x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
+                       mask: Tensor, alpha: Optional[Tensor]) -> None:
+    """What the kernel adds to the reader contract: devices and a group size that is a multiple of 16."""
+    tensors = {"x": x, "mask": mask, "alpha": alpha}
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        tensors.update({f"weights[{i}]": w, f"biases[{i}]": b} if len(weights) > 1 else {"weight": w, "bias": b})
+    check_triton_inputs(op, group_size, f"x.shape[1] = {x.shape[1]} / mask.shape[1] = {mask.shape[1]}", tensors)
 
 
 def default_read_config(num_tokens: int, out_features: int, group_size: int, num_groups: int,
@@ -86,34 +61,10 @@ def read_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
     """Fused reader, `[T, D]` -> `[T, O]`: y_t = alpha_t * W[:, A_t] x_t[A_t] + b (see `read_naive`).
 
     Any strides are accepted (e.g. GPT-2's transposed Conv1D weight), at some bandwidth cost when
-    the weight's in-feature dimension is not the contiguous one.
+    the weight's in-feature dimension is not the contiguous one. One launch of `read_multi_kernel`
+    with one weight: the same tiles, split and config as a launch of its own.
     """
-    group_size = check_read_inputs(x, weight, bias, mask, alpha)
-    num_tokens, num_groups = mask.shape
-    out_features = weight.shape[0]
-    cfg = config or default_read_config(num_tokens, out_features, group_size, num_groups, x.device)
-    require(group_size % cfg.block_k == 0,
-            f"config.block_k = {cfg.block_k} must divide the group size {group_size}")
-    if num_tokens == 0:
-        return x.new_empty(0, out_features)
-    split = min(cfg.split, num_groups)
-    y = (torch.zeros(num_tokens, out_features, dtype=torch.float32, device=x.device) if split > 1
-         else torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device))   # [T, O]
-    mask_u8 = mask.view(torch.uint8)                                          # [T, N], same bytes as bool
-    grid = (triton.cdiv(num_tokens, cfg.block_m), triton.cdiv(out_features, cfg.block_n), split)
-    read_kernel[grid](
-        x, weight, bias if bias is not None else x, mask_u8, alpha if alpha is not None else x, y,
-        num_tokens, out_features, num_groups,
-        x.stride(0), x.stride(1),
-        weight.stride(0), weight.stride(1),
-        mask_u8.stride(0), mask_u8.stride(1),
-        alpha.stride(0) if alpha is not None else 0,
-        y.stride(0), y.stride(1),
-        G=group_size, HAS_BIAS=bias is not None, HAS_ALPHA=alpha is not None, SPLIT=split,
-        UPCAST=upcast_for(x), IEEE=ieee_for(x),
-        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, **cfg.launch_kwargs(),
-    )
-    return y.to(x.dtype) if split > 1 else y
+    return _read_launch("read_triton", x, [weight], [bias], mask, alpha, config)[0]
 
 
 MAX_WEIGHTS_PER_LAUNCH = 4   # read_multi_kernel's weight slots: q|k|v and gate|up fit in one launch
@@ -124,14 +75,15 @@ def read_multi_triton(x: Tensor, weights: list[Tensor], biases: list[Optional[Te
     """Several readers of one input, `[T, D]` -> `[T, O_i]` each, as `read_triton` per weight, in
     one launch per 4 weights: the grid runs over the concatenated column tiles of all outputs.
 
-    Every weight must pass `check_read_inputs` with this x, mask and alpha (ValueError otherwise).
+    Every weight must pass the reader contract with this x, mask and alpha (ValueError otherwise).
     """
-    require(len(weights) >= 1 and len(weights) == len(biases),
-            f"got {len(weights)} weights and {len(biases)} biases: required one bias (or None) per weight, "
-            "at least one weight")
-    group_size = 0
-    for w, b in zip(weights, biases):
-        group_size = check_read_inputs(x, w, b, mask, alpha)
+    return _read_launch("read_multi_triton", x, weights, biases, mask, alpha, config)
+
+
+def _read_launch(op: str, x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], mask: Tensor,
+                 alpha: Optional[Tensor], config: Optional[KernelConfig]) -> list[Tensor]:
+    """The launches of `read_multi_triton` (op names the caller in error messages)."""
+    group_size = check_read_inputs(op, x, weights, biases, mask, alpha)
     num_tokens, num_groups = mask.shape
     total_out = sum(int(w.shape[0]) for w in weights)
     cfg = config or default_read_config(num_tokens, total_out, group_size, num_groups, x.device)

@@ -16,24 +16,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..contracts import check_read_lists
 from ..cpu.read import read_multi_cpu
-from ..fallback import kernel_or_reference
+from ..devices import kernel_or_reference, register_devices
 from .fused import read_backward
 from .naive import read_naive
 
 __all__ = ["read_multi", "read_multi_naive"]
 
 
-def _check_lists(weights: list[Tensor], biases: list[Optional[Tensor]]) -> None:
-    if len(weights) == 0 or len(weights) != len(biases):
-        raise ValueError(f"mohdify::read_multi got {len(weights)} weights and {len(biases)} biases: required at "
-                         "least one weight and one bias (or None) per weight")
-
-
 def read_multi_naive(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], mask: Tensor,
                      alpha: Optional[Tensor]) -> list[Tensor]:
     """`[read_naive(x, W_i, b_i, mask, alpha)]`: x `[T, D]`, W_i `[O_i, D]` -> `[T, O_i]` each."""
-    _check_lists(weights, biases)
+    check_read_lists("mohdify::read_multi", weights, biases)
     return [read_naive(x, w, b, mask, alpha) for w, b in zip(weights, biases)]
 
 
@@ -46,21 +41,16 @@ def read_multi(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]],
 
 @read_multi.register_fake
 def _read_multi_fake(x, weights, biases, mask, alpha):
-    _check_lists(weights, biases)
+    check_read_lists("mohdify::read_multi", weights, biases)
     return [x.new_empty(x.shape[0], w.shape[0]) for w in weights]
 
 
-@read_multi.register_kernel("cuda")
 def _read_multi_cuda(x, weights, biases, mask, alpha):
     from .launch import check_read_inputs, read_multi_triton
 
-    _check_lists(weights, biases)
-
-    def check():
-        for w, b in zip(weights, biases):
-            check_read_inputs(x, w, b, mask, alpha)
-
-    return kernel_or_reference("mohdify::read_multi", check, lambda: read_multi_triton(x, weights, biases, mask, alpha),
+    check_read_lists("mohdify::read_multi", weights, biases)
+    return kernel_or_reference("mohdify::read_multi", lambda op: check_read_inputs(op, x, weights, biases, mask, alpha),
+                               lambda: read_multi_triton(x, weights, biases, mask, alpha),
                                lambda: read_multi_naive(x, weights, biases, mask, alpha))
 
 
@@ -97,4 +87,4 @@ def _backward(ctx, grads):
 
 
 read_multi.register_autograd(_backward, setup_context=_setup_context)
-read_multi.register_kernel("cpu")(read_multi_cpu)
+register_devices(read_multi, cpu=read_multi_cpu, cuda=_read_multi_cuda)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..cpu.read import read_cpu
+from ..devices import register_devices
 from .fused import read_backward, read_cuda
 from .naive import read_naive
 
@@ -39,5 +40,4 @@ def _backward(ctx, grad):
 read.register_autograd(_backward, setup_context=_setup_context)
 # CUDA runs the fused Triton reader (codegen/read/kernel.py), CPU the kernel over contiguous active
 # weight blocks (codegen/cpu/read.py); the reference above is the ground truth in tests.
-read.register_kernel("cuda")(read_cuda)
-read.register_kernel("cpu")(read_cpu)
+register_devices(read, cpu=read_cpu, cuda=read_cuda)

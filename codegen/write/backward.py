@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..launch_common import check_shape
+from ..contracts import check_write_backward
 from ..read.launch import read_triton
-from .launch import check_write_inputs, mix_triton
+from .launch import check_write_devices, mix_triton
 
 __all__ = ["write_backward_triton"]
 
@@ -30,9 +30,9 @@ def write_backward_triton(grad: Tensor, u: Tensor, weight: Tensor, bias: Optiona
     gate gradients at every group (inactive ones too), which needs z = W u + b densely: cuBLAS.
     grad_w, grad_b and grad_fusion are dense reductions: cuBLAS / torch.
     """
-    group_size = check_write_inputs(u, weight, bias, gates, fusion)
+    group_size = check_write_backward("write_backward_triton", grad, u, weight, bias, gates, fusion)
+    check_write_devices("write_backward_triton", group_size, u, weight, bias, gates, fusion)
     num_tokens, num_groups = gates.shape
-    check_shape("grad", grad, (num_tokens, weight.shape[0]))
     z = F.linear(u, weight, bias).view(num_tokens, num_groups, -1)            # [T, N, G]
     g = gates[:, :, None].to(z.dtype)                                         # [T, N, 1]
     grad_fusion = None

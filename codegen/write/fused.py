@@ -2,7 +2,7 @@
 
 As for the reader: the backward is a custom op (traceable by AOT autograd) whose CPU kernel is
 codegen/cpu/backward.py (active groups only) and whose CUDA kernel uses the launchers. Inputs the kernels
-cannot take run the reference with a warning (codegen/fallback.py). The CPU forward kernel is
+cannot take run the reference with a warning (codegen/devices.py). The CPU forward kernel is
 codegen/cpu/write.py.
 """
 
@@ -12,14 +12,14 @@ import torch
 from torch import Tensor
 
 from ..cpu.backward import write_backward_cpu
-from ..fallback import kernel_or_reference
+from ..devices import kernel_or_reference, register_devices
 from .naive import write_backward_naive, write_naive
 
 
-def _check(u, weight, bias, gates, fusion) -> None:
+def _check(op: str, u, weight, bias, gates, fusion) -> None:
     from .launch import check_write_inputs
 
-    check_write_inputs(u, weight, bias, gates, fusion)
+    check_write_inputs(op, u, weight, bias, gates, fusion)
 
 
 def write_cuda(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor]) -> Tensor:
@@ -29,7 +29,7 @@ def write_cuda(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
 
         return write_triton(u, weight, bias, gates, fusion)
 
-    return kernel_or_reference("mohdify::write", lambda: _check(u, weight, bias, gates, fusion), kernel,
+    return kernel_or_reference("mohdify::write", lambda op: _check(op, u, weight, bias, gates, fusion), kernel,
                                lambda: write_naive(u, weight, bias, gates, fusion))
 
 
@@ -51,20 +51,22 @@ def write_backward_op(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[Te
     return _pack(write_backward_naive(grad, u, weight, bias, gates, fusion), u)
 
 
-@write_backward_op.register_kernel("cpu")
 def _write_backward_cpu(grad, u, weight, bias, gates, fusion, need_gates=True, out=None):
     return _pack(write_backward_cpu(grad, u, weight, bias, gates, fusion, need_gates, out), u)
 
 
-@write_backward_op.register_kernel("cuda")
 def _write_backward_cuda(grad, u, weight, bias, gates, fusion, need_gates=True, out=None):
     def kernel():
         from .backward import write_backward_triton
 
         return write_backward_triton(grad, u, weight, bias, gates, fusion)
 
-    return _pack(kernel_or_reference("mohdify::write_backward", lambda: _check(u, weight, bias, gates, fusion),
+    return _pack(kernel_or_reference("mohdify::write_backward",
+                                     lambda op: _check(op, u, weight, bias, gates, fusion),
                                      kernel, lambda: write_backward_naive(grad, u, weight, bias, gates, fusion)), u)
+
+
+register_devices(write_backward_op, cpu=_write_backward_cpu, cuda=_write_backward_cuda)
 
 
 @write_backward_op.register_fake

@@ -14,56 +14,27 @@ import torch
 import triton
 from torch import Tensor
 
-from ..launch_common import (
-    KernelConfig,
-    check_device,
-    check_float,
-    check_group_size,
-    check_same_device,
-    check_shape,
-    divisor_block,
-    ieee_for,
-    require,
-    split_for,
-    upcast_for,
-)
+from ..contracts import check_write
+from ..launch_common import KernelConfig, check_triton_inputs, divisor_block, ieee_for, require, split_for, upcast_for
 from .kernel import mix_kernel, write_kernel
 
 __all__ = ["write_triton", "mix_triton", "check_write_inputs", "default_write_config"]
 
 
-def check_write_inputs(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
+def check_write_inputs(op: str, u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
                        fusion: Optional[Tensor], residual: Optional[Tensor] = None) -> int:
-    """Validate the writer's inputs for the kernels; returns the group size G."""
-    require(u.dim() == 2, f"u has shape {tuple(u.shape)}: the kernel takes a 2-D [T, I] input")
-    require(weight.dim() == 2 and weight.shape[1] == u.shape[1],
-            f"weight has shape {tuple(weight.shape)}: required [D, {u.shape[1]}] (I = u.shape[1])")
-    require(gates.dim() == 2 and gates.shape[0] == u.shape[0],
-            f"gates has shape {tuple(gates.shape)}: required [T, N] with T = u.shape[0] = {u.shape[0]}")
-    out_features, num_groups = weight.shape[0], gates.shape[1]
-    require(num_groups >= 1 and out_features % num_groups == 0,
-            f"gates has {num_groups} groups, which does not divide weight.shape[0] = {out_features}")
-    group_size = out_features // num_groups
-    check_group_size(group_size, f"weight.shape[0] = {out_features} / gates.shape[1] = {num_groups}")
-    check_device("u", u)
-    check_float("u", u)
-    check_float("weight", weight, like=u)
-    check_float("gates", gates)
-    check_same_device("weight", weight, u)
-    check_same_device("gates", gates, u)
-    if bias is not None:
-        check_shape("bias", bias, (out_features,))
-        check_float("bias", bias)
-        check_same_device("bias", bias, u)
-    if fusion is not None:
-        check_shape("fusion", fusion, (num_groups, num_groups))
-        check_float("fusion", fusion)
-        check_same_device("fusion", fusion, u)
-    if residual is not None:
-        check_shape("residual", residual, (u.shape[0], out_features))
-        check_float("residual", residual)
-        check_same_device("residual", residual, u)
+    """The writer contract (codegen/contracts.py) and what the kernels add; returns the group size G."""
+    group_size = check_write(op, u, weight, bias, gates, fusion, residual)
+    check_write_devices(op, group_size, u, weight, bias, gates, fusion, residual)
     return group_size
+
+
+def check_write_devices(op: str, group_size: int, u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor,
+                        fusion: Optional[Tensor], residual: Optional[Tensor] = None) -> None:
+    """What the kernels add to the writer contract: devices and a group size that is a multiple of 16."""
+    check_triton_inputs(op, group_size, f"weight.shape[0] = {weight.shape[0]} / gates.shape[1] = {gates.shape[1]}",
+                        {"u": u, "weight": weight, "bias": bias, "gates": gates, "fusion": fusion,
+                         "residual": residual})
 
 
 def default_write_config(num_tokens: int, in_features: int, out_features: int, group_size: int,
@@ -118,7 +89,7 @@ def write_triton(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tenso
     everything (gate, bias, residual) happens in one kernel; with fusion the gated rows go through
     an fp32 buffer to the mixing kernel, which adds the residual.
     """
-    group_size = check_write_inputs(u, weight, bias, gates, fusion, residual)
+    group_size = check_write_inputs("write_triton", u, weight, bias, gates, fusion, residual)
     num_tokens, in_features = u.shape
     out_features = weight.shape[0]
     cfg = config or default_write_config(num_tokens, in_features, out_features, group_size, u.device)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from ..cpu.write import write_cpu
+from ..devices import register_devices
 from .fused import write_backward, write_cuda
 from .naive import write_naive
 
@@ -43,5 +44,4 @@ def _backward(ctx, grad):
 write.register_autograd(_backward, setup_context=_setup_context)
 # CUDA runs the fused Triton writer (codegen/write/kernel.py), CPU the kernel over contiguous active
 # weight rows (codegen/cpu/write.py); the reference above is the ground truth in tests.
-write.register_kernel("cuda")(write_cuda)
-write.register_kernel("cpu")(write_cpu)
+register_devices(write, cpu=write_cpu, cuda=write_cuda)

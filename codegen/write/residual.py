@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..contracts import ContractError
 from ..cpu.write import write_add_cpu
-from ..fallback import kernel_or_reference
+from ..devices import kernel_or_reference, register_devices
 from .fused import write_backward
 from .naive import write_naive
 
@@ -41,15 +42,14 @@ def _write_add_fake(u, weight, bias, gates, fusion, residual):
     return u.new_empty(u.shape[0], weight.shape[0], dtype=torch.promote_types(u.dtype, residual.dtype))
 
 
-@write_add.register_kernel("cuda")
 def _write_add_cuda(u, weight, bias, gates, fusion, residual):
     from .launch import check_write_inputs, write_triton
 
-    def check():
-        check_write_inputs(u, weight, bias, gates, fusion, residual)
+    def check(op: str) -> None:
+        check_write_inputs(op, u, weight, bias, gates, fusion, residual)
         if residual.dtype != u.dtype:
-            raise ValueError(f"residual has dtype {residual.dtype}, but u has {u.dtype}: the fused add needs them "
-                             "equal")
+            raise ContractError(op, f"residual has dtype {residual.dtype}, but u has {u.dtype}: the fused add on "
+                                    "CUDA needs them equal")
 
     return kernel_or_reference("mohdify::write_add", check,
                                lambda: write_triton(u, weight, bias, gates, fusion, residual=residual),
@@ -74,4 +74,4 @@ def _backward(ctx, grad):
 
 
 write_add.register_autograd(_backward, setup_context=_setup_context)
-write_add.register_kernel("cpu")(write_add_cpu)
+register_devices(write_add, cpu=write_add_cpu, cuda=_write_add_cuda)

@@ -40,3 +40,23 @@ def test_the_backend_takes_only_a_kind_without_parameters():
     assert config.router == "magnitude" and ROUTER_KINDS["magnitude"].backend_refusal is None
     with pytest.raises(ConfigError, match="a learned router has parameters"):
         backend_config({"router": "learned"})
+
+
+def test_route_tokens_asks_the_kind_for_its_scores(monkeypatch):
+    """The scoring is the kind's: a kind registered with its own scores routes by them (no other file)."""
+    from dataclasses import replace
+
+    from mohdify.routing import route_tokens
+
+    def last_group_first(x, weight, group_size, routed_idx):                 # scores [T, N_r], no probabilities
+        return torch.arange(routed_idx.numel(), dtype=torch.float32).expand(x.shape[0], -1), None
+
+    monkeypatch.setitem(ROUTER_KINDS, "toy", replace(ROUTER_KINDS["magnitude"], name="toy", scores=last_group_first))
+    x = torch.randn(3, 16)
+    x[:, 4:8] *= 100                                                          # magnitude would pick group 1
+    shared, routed = torch.tensor([0]), torch.tensor([1, 2, 3])
+    toy = route_tokens(x, "toy", None, shared, routed, 1, "none", 0.5)
+    magnitude = route_tokens(x, "magnitude", None, shared, routed, 1, "none", 0.5)
+    assert toy.mask.tolist() == [[True, False, False, True]] * 3
+    assert magnitude.mask.tolist() == [[True, True, False, False]] * 3
+    assert torch.equal(toy.gates, toy.mask.float()) and toy.scale is None and toy.balance is None
