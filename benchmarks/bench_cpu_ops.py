@@ -31,10 +31,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # run as a script: import the sibling modules
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "examples"))   # provenance.cpu_name
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import format_table, git_sha, write_json  # noqa: E402
+from provenance import cpu_name  # noqa: E402
 
 SHAPES = {"d2048": (2048, 5632), "d4096": (4096, 11008)}
 TARGETS = {0.5: 1.7, 0.25: 3.0}
@@ -181,19 +183,9 @@ def main(argv=None) -> int:
     print(format_table(rows, COLUMNS))
     env = {"loadavg_end": os.getloadavg(), "torch": torch.__version__, "threads": torch.get_num_threads(),
            "git_sha": git_sha(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": _cpu_name()}
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_name()}
     write_json(Path(args.out) / "cpu_ops.json", {"env": env, "args": vars(args), "results": rows})
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@ process and interleaved per round (each round runs one step of each, in turn):
   backend="mohd"): inductor around the MoHD ops, whose CPU kernels run forward and backward).
 Each provider has its own AdamW; lr 0 so every step does the same work from the same weights.
 Figures: median over rounds of the per-round ratio best-dense time / provider time, and the
-headline "best MoHD / best dense" (best of eager / compiled on each side). The CPU kernels' path
-counts (codegen/cpu/backward.PATHS, forward plan) are recorded per provider.
+headline "best MoHD / best dense" (best of eager / compiled on each side). The path counts of the last
+round (codegen/cpu/backward.PATHS: kernel backward paths, and "read:masked" / "write:masked" for the
+modules' masked path, codegen/cpu/masked.py, counted per eager call; a compiled step that traced
+nothing and called no kernel records none) are recorded per provider.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ the writer consumes it, through a per-thread slot (`mohdify.routing.SLOTS`), nev
 attributes. After a forward nothing computed in it stays on a module, except the balance losses
 of training-mode applications, kept until `mohdify.aux_loss` takes them (see `BalanceLog`).
 
+Readers and writers call the MoHD ops, except on CPU for many tokens where the crossover table says
+dense for every op: then they run the reference's ops on a masked input made once per application
+(`mohdify.codegen.cpu.masked`, kept in the slot with the routing).
+
 Shape legend: T = tokens, D = hidden size, N = groups, G = D / N, N_s / N_r = shared / routed
 groups, k = top_k.
 """
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 
 from mohdify.codegen import read as read_op
 from mohdify.codegen import write as write_op
+from mohdify.codegen.cpu.masked import expand_groups_mm, masked_pays, read_masked, write_masked
 
 from .config import MoHDConfig
 from .routers import router_kind
@@ -113,20 +118,24 @@ class MoHDBranch(nn.Module):
     def route(self, x: Tensor) -> Routing:
         """The routing of the branch input `x` `[T, D]` (see `mohdify.routing.route_tokens`)."""
         c = self.config
-        return route_tokens(x, self.router, self.shared_idx, self.routed_idx, c.top_k, c.scaling, c.density,
+        return route_tokens(x, c.router, self.router, self.shared_idx, self.routed_idx, c.top_k, c.scaling, c.density,
                             balance=self.computes_balance())
 
-    def routing_for(self, x: Tensor) -> tuple[Tensor, Routing]:
-        """A reader's view: (`x` as `[T, D]`, the routing of this application), computed by the first
-        reader of `x` and reused by the others."""
+    def routing_for(self, x: Tensor) -> tuple[Tensor, Routing, Optional[Tensor]]:
+        """A reader's view: (`x` as `[T, D]`, the routing of this application, the masked input `[T, D]`
+        when the application runs the eager masked path (codegen/cpu/masked.py) else None), computed by
+        the first reader of `x` and reused by the others."""
         slots = SLOTS.slots
         held = slots.get(id(self))
         if held is not None and held[0] is x:
-            return held[1], held[2]
+            return held[1], held[2], held[3]
         x2 = x.reshape(-1, x.shape[-1])                                       # [T, D]
         routing = self.route(x2)
-        slots[id(self)] = (x, x2, routing)
-        return x2, routing
+        xm = None
+        if masked_pays(x2, self.group_size, self.config.density):
+            xm = x2 * expand_groups_mm(routing.mask, self.group_size, x2.dtype)  # [T, D]
+        slots[id(self)] = (x, x2, routing, xm)
+        return x2, routing, xm
 
     def pending_routing(self) -> Optional[Routing]:
         """The routing of this thread's application in flight (its readers ran, its writer has not),
@@ -175,8 +184,12 @@ class MoHDReader(MoHDLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x2, routing = self.branch.routing_for(x)                              # [T, D]
-        y = read_op(x2, self.linear_weight(), self.bias, routing.mask, routing.scale)  # [T, O]
+        x2, routing, xm = self.branch.routing_for(x)                          # [T, D]
+        weight = self.linear_weight()
+        if xm is not None and weight.dtype == xm.dtype:
+            y = read_masked(xm, weight, self.bias, routing.scale)             # [T, O]
+        else:
+            y = read_op(x2, weight, self.bias, routing.mask, routing.scale)   # [T, O]
         return y.view(*lead, self.out_features)
 
 
@@ -191,5 +204,9 @@ class MoHDWriter(MoHDLinear):
             raise RuntimeError(
                 f"MoHD writer of branch {self.branch.name!r} got {u2.shape[0]} tokens, but its readers "
                 f"routed {gates.shape[0]}: a branch must write the tokens it read.")
-        o = write_op(u2, self.linear_weight(), self.bias, gates, self.branch.fusion)  # [T, D]
+        weight, fusion = self.linear_weight(), self.branch.fusion
+        if weight.dtype == u2.dtype and masked_pays(u2, self.branch.group_size, self.branch.config.density):
+            o = write_masked(u2, weight, self.bias, gates, fusion)            # [T, D]
+        else:
+            o = write_op(u2, weight, self.bias, gates, fusion)                # [T, D]
         return o.view(*lead, self.out_features)

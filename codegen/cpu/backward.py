@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .checks import check_reader, check_writer
+from ..contracts import check_read_backward, check_write_backward
 from .layout import is_column_major
 from .plan import GroupPlan, plan_groups, runs
 
@@ -99,7 +99,7 @@ def _read_grads_dense(grad: Tensor, xa: Tensor, weight: Tensor, mask: Optional[T
 def read_backward_cpu(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, mask: Tensor,
                       alpha: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients of the reader w.r.t. (x, weight, bias, alpha), as `read_backward_naive`."""
-    group_size = check_reader("mohdify::read_backward", x, weight, None, mask, alpha)
+    group_size = check_read_backward("mohdify::read_backward", grad, x, weight, mask, alpha)
     grad = grad.contiguous()
     if x.shape[0] == 0:
         PATHS["read_backward:empty"] += 1
@@ -166,7 +166,7 @@ def write_backward_cpu(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[T
     except that zero gates get a zero gradient (module docstring); `need_gates` False skips them
     (returns zeros) when the gates need no gradient. `out` (the forward's output, fusion None):
     z = out / gates at active groups, instead of the matmul W u + b."""
-    group_size = check_writer("mohdify::write_backward", u, weight, bias, gates, fusion)
+    group_size = check_write_backward("mohdify::write_backward", grad, u, weight, bias, gates, fusion)
     num_tokens, num_groups = gates.shape
     grad3 = grad.contiguous().view(num_tokens, num_groups, group_size)        # [T, N, G]
     go3 = grad3 if fusion is None else torch.einsum("ij,tig->tjg", fusion.to(grad.dtype), grad3)  # [T, N, G]

@@ -133,6 +133,39 @@ static void axpy_group(float *acc, int64_t n, const float *xg, const void *w, in
     }
 }
 
+/* out[idx : idx + n] (n <= 8) = (sum over the parts of acc) * alpha + bias[c0 : c0 + n], rounded once to dt;
+   acc [parts] spaced part_ld apart. Vector and scalar tails compute the same (fp32, this order). */
+static void finish8(void *out, int dt, int64_t idx, int64_t n, const float *acc, int64_t part_ld, int nparts,
+                    float alpha, int has_alpha, const void *bias, int64_t c0) {
+    if (n == 8) {
+        v8f v;
+        memcpy(&v, acc, 32);
+        for (int h = 1; h < nparts; h++) {
+            v8f a;
+            memcpy(&a, acc + h * part_ld, 32);
+            v = v + a;
+        }
+        if (has_alpha) v = v * alpha;
+        if (bias) v = v + ld8(bias, dt, c0);
+        if (dt == F32) { memcpy((float *)out + idx, &v, 32); return; }
+        v8u u;
+        memcpy(&u, &v, 32);
+        const v8u nan = (u & 0x7fffffffu) > 0x7f800000u;                       /* all ones where NaN */
+        v8u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;                         /* round to nearest even */
+        r = (r & ~nan) | (0x7fc0u & nan);
+        v8h h = __builtin_convertvector(r, v8h);
+        memcpy((uint16_t *)out + idx, &h, 16);
+        return;
+    }
+    for (int64_t c = 0; c < n; c++) {
+        float v = acc[c];
+        for (int h = 1; h < nparts; h++) v = v + acc[h * part_ld + c];
+        if (has_alpha) v = v * alpha;
+        if (bias) v = v + ld1(bias, dt, c0 + c);
+        st1(out, dt, idx + c, v);
+    }
+}
+
 /* One call of mohdify::read / read_multi: outs[i] [T, O_i] = (sum over each token's active groups of
    x W_i^T) * alpha + b_i, for every weight i. The used groups are cut into PARTS consecutive parts;
    a work item is (weight, part): in the column-major layout a run of whole contiguous [G, O_i]
@@ -146,13 +179,15 @@ int mohd_read(int T, int D, int N, const uint8_t *mask, const void *x, int dt, i
        output address (one array, so the caller builds one ctypes object per call) */
     const void *ws[MAX_WEIGHTS], *bs[MAX_WEIGHTS];
     void *outs[MAX_WEIGHTS];
-    int64_t lds[MAX_WEIGHTS], outs_n[MAX_WEIGHTS], off[MAX_WEIGHTS + 1];
+    int64_t lds[MAX_WEIGHTS], outs_n[MAX_WEIGHTS], off[MAX_WEIGHTS + 1], chunks[MAX_WEIGHTS + 1];
     if (nw > MAX_WEIGHTS) return -2;
     off[0] = 0;
+    chunks[0] = 0;
     for (int i = 0; i < nw; i++) {
         ws[i] = (const void *)(intptr_t)meta[5 * i]; lds[i] = meta[5 * i + 1]; outs_n[i] = meta[5 * i + 2];
         bs[i] = (const void *)(intptr_t)meta[5 * i + 3]; outs[i] = (void *)(intptr_t)meta[5 * i + 4];
         off[i + 1] = off[i] + outs_n[i];
+        chunks[i + 1] = chunks[i] + (outs_n[i] + 7) / 8;
     }
     const int G = D / N;
     const int64_t total = off[nw];                                              /* columns of all weights */
@@ -170,7 +205,7 @@ int mohd_read(int T, int D, int N, const uint8_t *mask, const void *x, int dt, i
     if (bytes < MIN_PARALLEL_BYTES || nused * nw < 2) nthreads = 1;
     const int nparts = nused < PARTS ? (nused > 0 ? nused : 1) : PARTS;
     const int per_part = (nused + nparts - 1) / nparts;                          /* used groups per part */
-    float *accs = (float *)calloc((size_t)nparts * T * total, sizeof(float));    /* [parts, T, total] */
+    float *accs = (float *)malloc(sizeof(float) * (size_t)nparts * T * total);   /* [parts, T, total] */
     if (!accs) { free(xf); free(groups); return -1; }
     const int64_t nitems = (int64_t)nw * nparts;                               /* item j: weight j / nparts */
     #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
@@ -184,10 +219,12 @@ int mohd_read(int T, int D, int N, const uint8_t *mask, const void *x, int dt, i
         for (int64_t j = 0; j < nitems; j++) {
             const int i = (int)(j / nparts), p = (int)(j % nparts);
             const int g0 = p * per_part, g1 = g0 + per_part < nused ? g0 + per_part : nused;
-            const int mine = at >= lo && at < hi;
+            const int mine = at >= lo && (at < hi || tid == nth - 1);   /* empty trailing items: the last thread */
             at += (double)outs_n[i] * G * (g1 - g0) * (dt == F32 ? 4 : 2);
             if (!mine) continue;
             float *acc = accs + (int64_t)p * T * total;
+            for (int t = 0; t < T; t++)                  /* this item's accumulators, zeroed by the thread using them */
+                memset(acc + (int64_t)t * total + off[i], 0, sizeof(float) * (size_t)outs_n[i]);
             for (int q = g0; q < g1; q++) {
                 const int g = groups[q];
                 for (int t = 0; t < T; t++)
@@ -198,18 +235,13 @@ int mohd_read(int T, int D, int N, const uint8_t *mask, const void *x, int dt, i
         }
         #pragma omp barrier
         #pragma omp for schedule(static)
-        for (int64_t c = 0; c < total; c++) {
+        for (int64_t j = 0; j < chunks[nw]; j++) {                                /* 8 columns of one weight */
             int i = 0;
-            while (c >= off[i + 1]) i++;
-            const int64_t col = c - off[i];
-            const float bias = bs[i] ? ld1(bs[i], dt, col) : 0.0f;
-            for (int t = 0; t < T; t++) {
-                float v = 0.0f;
-                for (int h = 0; h < nparts; h++) v += accs[((int64_t)h * T + t) * total + c];
-                if (alpha) v = v * ld1(alpha, adt, t);
-                if (bs[i]) v = v + bias;
-                st1(outs[i], dt, (int64_t)t * outs_n[i] + col, v);
-            }
+            while (j >= chunks[i + 1]) i++;
+            const int64_t c0 = (j - chunks[i]) * 8, n = outs_n[i] - c0 < 8 ? outs_n[i] - c0 : 8;
+            for (int t = 0; t < T; t++)
+                finish8(outs[i], dt, (int64_t)t * outs_n[i] + c0, n, accs + (int64_t)t * total + off[i] + c0,
+                        (int64_t)T * total, nparts, alpha ? ld1(alpha, adt, t) : 1.0f, alpha != 0, bs[i], c0);
         }
     }
     free(xf); free(groups); free(accs);

@@ -37,12 +37,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["library", "read", "write", "calls", "reset", "DTYPES"]
+from .plan import DECODE_MAX_TOKENS
+
+__all__ = ["library", "read", "write", "calls", "reset", "DTYPES", "MAX_TOKENS"]
 
 SOURCE = Path(__file__).with_name("native.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_WEIGHTS = 16                      # weights one read call takes (native.c)
+MAX_TOKENS = DECODE_MAX_TOKENS        # tokens of the calls it takes (decode; more go the torch path)
 calls: Counter = Counter()            # "read" / "write": calls the native kernels ran
 
 _lock = threading.Lock()
@@ -129,38 +132,44 @@ def reset() -> None:
         _state.clear()
 
 
-def _ptr(t: Optional[Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
-
-
-def _column_major(w: Tensor) -> bool:
-    """`[O, K]` with element (o, k) at o + k * w.stride(1) (the stride of a size-1 dim does not matter)."""
-    return (w.stride(0) == 1 or w.shape[0] == 1) and w.stride(1) >= w.shape[0]
-
-
-def _dense_1d(t: Optional[Tensor], dtype) -> bool:
-    return t is None or (t.dtype == dtype and t.is_contiguous())
+def _lib() -> Optional[ctypes.CDLL]:
+    return _state["lib"] if "lib" in _state else library()
 
 
 def read(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], mask: Tensor,
          alpha: Optional[Tensor]) -> Optional[list[Tensor]]:
     """`[read(x, W_i, b_i, mask, alpha)]` in one native call, or None when it does not take the call.
-    Inputs are checked by the caller (checks.py); x `[T, D]`, W_i `[O_i, D]` column-major."""
+
+    It checks what the C kernel relies on itself, in one pass (the decode hot path: no other check
+    runs before it); on None the caller runs the full input checks (codegen/contracts.py), which name what is
+    wrong, and the torch path. x `[T, D]` with 0 < T <= MAX_TOKENS, W_i `[O_i, D]` column-major."""
     dt = DTYPES.get(x.dtype)
-    lib = _state.get("lib") if "lib" in _state else library()
-    if dt is None or lib is None or len(weights) > MAX_WEIGHTS or (alpha is not None and alpha.dtype not in DTYPES):
+    if dt is None or x.dim() != 2 or mask.dim() != 2 or mask.dtype != torch.bool or len(weights) > MAX_WEIGHTS \
+            or len(weights) != len(biases) or (lib := _lib()) is None:
+        return None
+    tokens, width = x.shape
+    groups = mask.shape[1]
+    if not 0 < tokens <= MAX_TOKENS or mask.shape[0] != tokens or groups == 0 or width % groups or not weights:
+        return None
+    if alpha is not None and (alpha.dtype not in DTYPES or alpha.shape != (tokens,) or not alpha.is_contiguous()):
         return None
     meta, outs = [], []
     for w, b in zip(weights, biases):
-        if w.dtype != x.dtype or not _column_major(w) or not _dense_1d(b, x.dtype):
+        if w.dtype != x.dtype or w.dim() != 2:
             return None
-        outs.append(x.new_empty(x.shape[0], w.shape[0]))                      # [T, O_i]
-        meta += (w.data_ptr(), w.stride(1), w.shape[0], 0 if b is None else b.data_ptr(), outs[-1].data_ptr())
+        out_features, in_features = w.shape
+        rows, cols = w.stride()                                               # column-major: (1, >= O)
+        if in_features != width or (rows != 1 and out_features != 1) or cols < out_features:
+            return None
+        if b is not None and (b.dtype != x.dtype or b.shape != (out_features,) or not b.is_contiguous()):
+            return None
+        out = torch.empty(tokens, out_features, dtype=x.dtype)                # [T, O_i]
+        outs.append(out)
+        meta += (w.data_ptr(), cols, out_features, 0 if b is None else b.data_ptr(), out.data_ptr())
     x, mask = x.contiguous(), mask.contiguous()
-    alpha = alpha.contiguous() if alpha is not None else None
-    status = lib.mohd_read(x.shape[0], x.shape[1], mask.shape[1], mask.data_ptr(), x.data_ptr(), dt, len(weights),
-                           (ctypes.c_int64 * len(meta))(*meta), _ptr(alpha),
-                           DTYPES[alpha.dtype] if alpha is not None else 0, torch.get_num_threads())
+    status = lib.mohd_read(tokens, width, groups, mask.data_ptr(), x.data_ptr(), dt, len(weights),
+                           (ctypes.c_int64 * len(meta))(*meta), None if alpha is None else alpha.data_ptr(),
+                           0 if alpha is None else DTYPES[alpha.dtype], torch.get_num_threads())
     if status != 0:
         raise MemoryError("mohdify::read (native CPU kernel): out of memory for its fp32 buffers")
     calls["read"] += 1
@@ -169,21 +178,31 @@ def read(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], mask:
 
 def write(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor],
           residual: Optional[Tensor]) -> Optional[Tensor]:
-    """`write(u, W, b, gates)` (+ residual) in one native call, or None when it does not take the call."""
+    """`write(u, W, b, gates)` (+ residual) in one native call, or None when it does not take the call
+    (checks as `read`: the caller checks the inputs fully on None). u `[T, I]` with 0 < T <= MAX_TOKENS,
+    W `[D, I]` row-major, gates `[T, N]`, residual `[T, D]`."""
     dt = DTYPES.get(u.dtype)
-    if dt is None or fusion is not None or weight.dtype != u.dtype or not _column_major(weight.t()) \
-            or not _dense_1d(bias, u.dtype) or gates.dtype not in DTYPES \
-            or (residual is not None and residual.dtype != u.dtype):
+    if dt is None or fusion is not None or weight.dtype != u.dtype or u.dim() != 2 or weight.dim() != 2 \
+            or gates.dim() != 2 or gates.dtype not in DTYPES or (lib := _lib()) is None:
         return None
-    lib = _state.get("lib") if "lib" in _state else library()
-    if lib is None:
+    tokens, in_features = u.shape
+    out_features, weight_in = weight.shape
+    groups = gates.shape[1]
+    rows, cols = weight.stride()                                              # row-major: (>= I, 1)
+    if not 0 < tokens <= MAX_TOKENS or weight_in != in_features or gates.shape[0] != tokens or groups == 0 \
+            or out_features % groups or (cols != 1 and in_features != 1) or rows < in_features:
         return None
+    if bias is not None and (bias.dtype != u.dtype or bias.shape != (out_features,) or not bias.is_contiguous()):
+        return None
+    if residual is not None:
+        if residual.dtype != u.dtype or residual.shape != (tokens, out_features):
+            return None
+        residual = residual.contiguous()
     u, gates = u.contiguous(), gates.contiguous()
-    residual = residual.contiguous() if residual is not None else None
-    out = u.new_empty(u.shape[0], weight.shape[0])                            # [T, D]
-    status = lib.mohd_write(u.shape[0], u.shape[1], weight.shape[0], gates.shape[1], u.data_ptr(), dt,
-                            weight.data_ptr(), weight.stride(0), _ptr(bias), gates.data_ptr(), DTYPES[gates.dtype],
-                            _ptr(residual), out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(tokens, out_features, dtype=u.dtype)                    # [T, D]
+    status = lib.mohd_write(tokens, in_features, out_features, groups, u.data_ptr(), dt, weight.data_ptr(), rows,
+                            None if bias is None else bias.data_ptr(), gates.data_ptr(), DTYPES[gates.dtype],
+                            None if residual is None else residual.data_ptr(), out.data_ptr(), torch.get_num_threads())
     if status != 0:
         raise MemoryError("mohdify::write (native CPU kernel): out of memory for its fp32 buffers")
     calls["write"] += 1

@@ -8,8 +8,10 @@ matmul takes strided blocks), only slower at decode (codegen/README.md has the m
 
 bf16 / fp16: partial products of several runs are summed in fp32, rounded once at the end.
 
-Decode (T <= DECODE_MAX_TOKENS) runs the native kernel (`native.py`: all weights of the call in one C
-call) where it is available and takes the inputs; the torch loop below is its fallback.
+Decode (T <= 16 tokens) runs the native kernel (`native.py`: all weights of the call in one C call)
+where it is available and takes the inputs; it checks what it relies on itself, and the full input
+checks (codegen/contracts.py, with their error messages) run only when it does not take the call; the torch
+loop below is its fallback.
 
 Shape legend: T = tokens, D = in_features = N * G, O = out_features, N = groups, G = group size.
 """
@@ -22,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..contracts import check_read, check_read_multi
 from . import native
-from .checks import check_reader
-from .plan import DECODE_MAX_TOKENS, GroupPlan, plan_groups, runs
+from .plan import GroupPlan, plan_groups, runs
 
 __all__ = ["read_cpu", "read_multi_cpu"]
 
@@ -106,11 +108,11 @@ def _read_one(x: Tensor, xm: Optional[Tensor], weight: Tensor, bias, mask: Tenso
 
 def read_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, alpha: Optional[Tensor]) -> Tensor:
     """CPU kernel of `mohdify::read`, `[T, D]` -> `[T, O]`; equals `read_naive` (see module docstring)."""
-    group_size = check_reader("mohdify::read", x, weight, bias, mask, alpha)
+    if (ys := native.read(x, [weight], [bias], mask, alpha)) is not None:
+        return ys[0]                                                          # [T, O], one native call
+    group_size = check_read("mohdify::read", x, weight, bias, mask, alpha)
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[0])
-    if x.shape[0] <= DECODE_MAX_TOKENS and (ys := native.read(x, [weight], [bias], mask, alpha)) is not None:
-        return ys[0]                                                          # [T, O], one native call
     plan = plan_groups(mask, x.dtype, "read", group_size)
     xm = _masked_input(x, mask, plan, group_size) if plan.path != "grouped" else None
     return _read_one(x, xm, weight, bias, mask, alpha, plan, group_size)
@@ -120,13 +122,11 @@ def read_multi_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tenso
                    alpha: Optional[Tensor]) -> list[Tensor]:
     """CPU kernel of `mohdify::read_multi`: `read_cpu` per weight, with the routing read once.
     Each output equals the separate `read_cpu` bit for bit (same plan, same ops)."""
-    group_size = 0
-    for w, b in zip(weights, biases):
-        group_size = check_reader("mohdify::read_multi", x, w, b, mask, alpha)
+    if (ys := native.read(x, weights, biases, mask, alpha)) is not None:
+        return ys                                                             # one native call for all weights
+    group_size = check_read_multi("mohdify::read_multi", x, weights, biases, mask, alpha)
     if x.shape[0] == 0:
         return [x.new_zeros(0, w.shape[0]) for w in weights]
-    if x.shape[0] <= DECODE_MAX_TOKENS and (ys := native.read(x, weights, biases, mask, alpha)) is not None:
-        return ys                                                             # one native call for all weights
     plan = plan_groups(mask, x.dtype, "read", group_size)
     xm = _masked_input(x, mask, plan, group_size) if plan.path != "grouped" else None
     return [_read_one(x, xm, w, b, mask, alpha, plan, group_size) for w, b in zip(weights, biases)]

@@ -6,8 +6,9 @@ consecutive active groups reads exactly the active rows, writes them into their 
 output, and the gates, fusion and residual follow on the `[T, D]` result (cheap next to the
 weight reads). Rows of groups that no token uses are zero and their weights are never read.
 
-Decode (T <= DECODE_MAX_TOKENS) runs the native kernel (`native.py`: the rows, bias, gates and
-residual in one C call) where it is available and takes the inputs; the torch loop is its fallback.
+Decode (T <= 16 tokens) runs the native kernel (`native.py`: the rows, bias, gates and residual in
+one C call) where it is available and takes the inputs (it checks what it relies on itself; the full
+checks of codegen/contracts.py run when it does not take the call); the torch loop is its fallback.
 
 Shape legend: T = tokens, I = in_features, D = out_features = N * G, N = groups, G = group size.
 """
@@ -19,10 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..contracts import check_write
 from ..write.naive import write_naive
 from . import native
-from .checks import check_writer
-from .plan import DECODE_MAX_TOKENS, GroupPlan, plan_groups, runs
+from .plan import GroupPlan, plan_groups, runs
 
 __all__ = ["write_cpu", "write_add_cpu"]
 
@@ -75,9 +76,9 @@ def _write_grouped(u, weight, bias, gates, fusion, plan: GroupPlan, group_size: 
 
 def write_cpu(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor]) -> Tensor:
     """CPU kernel of `mohdify::write`, `[T, I]` -> `[T, D]`; equals `write_naive` (module docstring)."""
-    group_size = check_writer("mohdify::write", u, weight, bias, gates, fusion)
-    if 0 < u.shape[0] <= DECODE_MAX_TOKENS and (o := native.write(u, weight, bias, gates, fusion, None)) is not None:
+    if (o := native.write(u, weight, bias, gates, fusion, None)) is not None:
         return o                                                              # [T, D], one native call
+    group_size = check_write("mohdify::write", u, weight, bias, gates, fusion)
     return _write(u, weight, bias, gates, fusion, group_size)
 
 
@@ -96,8 +97,7 @@ def write_add_cpu(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tens
                   residual: Tensor) -> Tensor:
     """CPU kernel of `mohdify::write_add`: `write_cpu(...) + residual`, bit for bit the separate ops
     (the native decode kernel adds the residual after rounding the write, as the separate add does)."""
-    group_size = check_writer("mohdify::write_add", u, weight, bias, gates, fusion, residual)
-    if 0 < u.shape[0] <= DECODE_MAX_TOKENS and \
-            (o := native.write(u, weight, bias, gates, fusion, residual)) is not None:
+    if (o := native.write(u, weight, bias, gates, fusion, residual)) is not None:
         return o                                                              # [T, D], the add in the same call
+    group_size = check_write("mohdify::write_add", u, weight, bias, gates, fusion, residual)
     return _write(u, weight, bias, gates, fusion, group_size) + residual      # [T, D]

@@ -80,6 +80,39 @@ def test_native_write_matches_reference(shape, dtype):
 
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("used", [0, 1, 5, 9, 16])
+def test_native_threads_and_parts(used, dtype):
+    """Calls big enough to run on 2 threads, with used-group counts that leave a work part empty
+    (5, 9 groups in 4 parts) or every part empty (0): equal to the reference, and bit for bit equal
+    on 1 and 2 threads (the sums do not depend on the thread count)."""
+    x, w, b, _, alpha = reader_case(1, 16, 64, 1030, dtype)
+    u, w2, b2, _, _, residual = writer_case(1, 16, 64, 1030, dtype)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, torch.randperm(16, generator=torch.Generator().manual_seed(used))[:used]] = True
+    gates = mask.to(dtype) * 0.75
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            y, ran = _ran("read", lambda: read_multi_cpu(x, [w, w[:7]], [b, None], mask, alpha))
+            o, ran2 = _ran("write", lambda: write_add_cpu(u, w2, b2, gates, None, residual))
+            assert ran == ran2 == 1
+            outs.append((*y, o))
+    finally:
+        torch.set_num_threads(before)
+    for got, ref in zip(outs[0], outs[1]):
+        assert torch.equal(got, ref), f"{used} groups: 2 threads differ from 1"
+    what = f"{used} used groups {dtype}"
+    check(outs[0][0], _truth(read_naive, x, w, b, mask, alpha), read_naive(x, w, b, mask, alpha), what, dtype)
+    check(outs[0][1], _truth(read_naive, x, w[:7], None, mask, alpha), read_naive(x, w[:7], None, mask, alpha),
+          what, dtype)
+    want = write_naive(u, w2, b2, gates, None) + residual
+    check(outs[0][2], _truth(write_naive, u, w2, b2, gates, None) + f64(residual), want, what, dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_calls_the_native_kernels_do_not_take(dtype):
     """T = 0 and T > 16, a row-major reader, a writer with a fusion matrix, fp16: the torch path."""
     x, w, b, mask, alpha = reader_case(17, 4, 8, 20, dtype)
