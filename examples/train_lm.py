@@ -20,6 +20,7 @@ weights come from torch.manual_seed(seed) and batch i's offsets from a generator
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--final-lr", type=float, default=0.1, help="the cosine schedule ends at this share of --lr")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mohd", action="store_true", help="mohdify the model (the flags below)")
     p.add_argument("--expand", type=float, default=1.0, help="residual width factor E (hidden becomes E x --hidden)")
@@ -69,6 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start from these dense weights (a train_lm checkpoint or a state dict) before --mohd")
     p.add_argument("--rebasis", default="none", choices=("none", "energy"),
                    help="energy: permute the stream by calibrated energy before --mohd (mohdify.rebasis)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="with --init: add W x KL(dense teacher || model) of the next-byte distributions to the loss")
+    p.add_argument("--distill-hidden", type=float, default=0.0,
+                   help="with --init: add W x the mean over layers of ||h - h_teacher||^2 / ||h_teacher||^2, the "
+                   "stream after each layer against the dense teacher's")
+    p.add_argument("--anneal", type=int, default=0, help="with --mohd: train the first N steps at more routed groups "
+                   "per token, from all of them down to --top-k (linear in the step); evaluations use --top-k")
     p.add_argument("--calibrate", type=int, default=0, help="batches of training windows that choose the shared "
                    "groups (mohdify.calibrate) and the --rebasis order; 0: none")
     p.add_argument("--eval-every", type=int, default=100)
@@ -139,6 +148,52 @@ def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten())
 
 
+def distill_loss(model, teacher, windows: torch.Tensor, hidden: bool = False) -> tuple[torch.Tensor, ...]:
+    """(next-byte cross-entropy, KL(teacher || model)) in nats, mean over the windows' [B, S] positions; with
+    `hidden`, also the stream error: the mean over layers of ||h - h_teacher||^2 / ||h_teacher||^2 (each summed
+    over the [B, S] positions), h the output of each layer (hidden_states[1:], in the teacher's basis)."""
+    out = model(input_ids=windows[:, :-1], output_hidden_states=hidden)
+    logits = out.logits.flatten(0, 1).float()                                        # [B*S, V]
+    with torch.no_grad():
+        ref_out = teacher(input_ids=windows[:, :-1], output_hidden_states=hidden)
+    ref = ref_out.logits.flatten(0, 1).float()                                       # [B*S, V]
+    ce = torch.nn.functional.cross_entropy(logits, windows[:, 1:].flatten())
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    if not hidden:
+        return ce, kl
+    errors = [(h.float() - r.float()).pow(2).sum() / r.float().pow(2).sum()           # [B, S, D] each
+              for h, r in zip(out.hidden_states[1:], ref_out.hidden_states[1:])]
+    return ce, kl, torch.stack(errors).mean()
+
+
+def make_teacher(args: argparse.Namespace):
+    """The frozen dense model of --init (for --distill), or None."""
+    if not (getattr(args, "distill", 0.0) or getattr(args, "distill_hidden", 0.0)):
+        return None
+    if args.init is None:
+        flag = f"--distill {args.distill}" if args.distill else f"--distill-hidden {args.distill_hidden}"
+        raise SystemExit(f"{flag} needs a dense teacher: pass --init CKPT.")
+    dense = argparse.Namespace(**{**vars(args), "mohd": False, "rebasis": "none"})
+    teacher = build_model(dense)[0].eval()
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    return teacher
+
+
+def anneal_top_k(step: int, args: argparse.Namespace) -> int:
+    """Routed groups per token at training step `step`: all N_r at step 0, down to --top-k at step --anneal."""
+    if step >= getattr(args, "anneal", 0):
+        return args.top_k
+    return args.top_k + round((args.groups - args.shared - args.top_k) * (1 - step / args.anneal))
+
+
+def set_top_k(model, k: int) -> None:
+    """Route every branch of `model` to k routed groups per token (the rest of its config unchanged)."""
+    for b in mohdify.branches(model):
+        b.config = dataclasses.replace(b.config, top_k=k)
+
+
 def validation_windows(val: torch.Tensor, n: int, context: int) -> torch.Tensor:
     """n windows of context + 1 bytes evenly spaced over the validation bytes (fixed for all runs)."""
     starts = torch.linspace(0, val.numel() - context - 2, n).long()
@@ -168,7 +223,8 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     t = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    low = getattr(args, "final_lr", 0.1)                              # older checkpoints lack it
+    return args.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def param_counts(model, plan, cfg) -> dict:
@@ -205,6 +261,9 @@ def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     train_data, val_data, data_info = load_corpus(args.corpus)
     model, hf_config, cfg, plan = build_model(args, calibration(train_data, args))
+    teacher = make_teacher(args)
+    if args.anneal and cfg is None:
+        raise SystemExit(f"--anneal {args.anneal} anneals the routed groups of a mohdified model: pass --mohd.")
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "router" not in n and "fusion" not in n]
     no_decay = [p for n, p in model.named_parameters()
@@ -214,7 +273,7 @@ def train(args: argparse.Namespace) -> dict:
     ckpt = args.checkpoint or args.out.with_suffix(".ckpt")
     for folder in {args.out.parent, ckpt.parent}:
         folder.mkdir(parents=True, exist_ok=True)
-    state = {"step": 0, "history": [], "elapsed": 0.0, "ema": None, "provenance": []}
+    state = {"step": 0, "history": [], "elapsed": 0.0, "cpu": 0.0, "ema": None, "provenance": []}
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
         same = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
@@ -226,7 +285,7 @@ def train(args: argparse.Namespace) -> dict:
                              "remove it or pass the same arguments.")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
-        state = {"provenance": [], **saved["state"]}
+        state = {"provenance": [], "cpu": None, **saved["state"]}
         print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
     state["provenance"].append({"from_step": state["step"], **provenance(args.threads)})
     val_windows = validation_windows(val_data, args.eval_windows, args.context)
@@ -236,13 +295,23 @@ def train(args: argparse.Namespace) -> dict:
     if state["step"] == 0 and args.init is not None:        # a conversion: its quality before any training
         state["history"].append({"step": 0, "val_bpb": round(evaluate(model, val_windows, args.batch)[0], 5)})
     t0 = time.time() - state["elapsed"]
+    c0 = time.process_time() - (state["cpu"] or 0.0)      # None: resumed from a checkpoint that did not count it
     aux_value = None
     for step in range(state["step"], args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         windows = batch_at(train_data, step, args.seed, args.batch, args.context)
-        loss = lm_loss(model, windows)
-        total = loss
+        if cfg is not None and args.anneal:
+            set_top_k(model, anneal_top_k(step, args))
+        if teacher is None:
+            loss = lm_loss(model, windows)
+            total = loss
+        elif args.distill_hidden:
+            loss, kl, hid = distill_loss(model, teacher, windows, hidden=True)
+            total = loss + args.distill * kl + args.distill_hidden * hid
+        else:
+            loss, kl = distill_loss(model, teacher, windows)
+            total = loss + args.distill * kl
         if cfg is not None and cfg.router == "learned":
             aux = mohdify.aux_loss(model)
             total = loss + aux
@@ -251,17 +320,24 @@ def train(args: argparse.Namespace) -> dict:
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if cfg is not None and args.anneal:
+            set_top_k(model, args.top_k)                 # evaluations and the saved model: the target density
         bpb = loss.item() / math.log(2)
         state["ema"] = bpb if state["ema"] is None else 0.95 * state["ema"] + 0.05 * bpb
         done = step + 1
         entry = {"step": done, "train_bpb_ema": round(state["ema"], 5)}
         if aux_value is not None:
             entry["aux_loss"] = round(aux_value, 6)
+        if teacher is not None:
+            entry["kl"] = round(kl.item(), 5)
+        if args.distill_hidden:
+            entry["hidden_err"] = round(hid.item(), 5)
         if done % args.eval_every == 0 or done == args.steps:
             entry["val_bpb"] = round(evaluate(model, val_windows, args.batch)[0], 5)
         state["history"].append(entry)      # before the checkpoint, so that a resumed run keeps this entry
         if "val_bpb" in entry:
             state["step"], state["elapsed"] = done, time.time() - t0
+            state["cpu"] = None if state["cpu"] is None else time.process_time() - c0
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "args": vars(args)}, ckpt)
         elapsed = time.time() - t0
         bar.set_postfix(bpb=f"{state['ema']:.3f}", val=state["history"][-1].get("val_bpb", "-"),
@@ -283,6 +359,7 @@ def train(args: argparse.Namespace) -> dict:
         "seed": args.seed, "steps": args.steps, "tokens": args.steps * tokens_per_step, "data": data_info,
         "final_val_bpb": round(val_bpb, 5), "best_val_bpb": min(h["val_bpb"] for h in history if "val_bpb" in h),
         "final_train_bpb_ema": history[-1]["train_bpb_ema"], "wall_s": round(wall, 1),
+        "cpu_s": None if state["cpu"] is None else round(time.process_time() - c0, 1),
         "tokens_per_s": round(args.steps * tokens_per_step / max(wall, 1e-9), 1),
         "routing": routing_health(model, loads, history, cfg), "history": history,
         **run_provenance(state["provenance"]),

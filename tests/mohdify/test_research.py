@@ -213,6 +213,138 @@ def test_train_lm_resume_keeps_the_evaluation_at_the_checkpoint(tmp_path, monkey
     assert [s["from_step"] for s in cut["provenance"]] == [0, 2]
 
 
+def test_train_lm_distills_a_conversion_from_its_dense_teacher(tmp_path):
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    text = _tiny_text(tmp_path)
+    train_lm.main(TINY + ["--corpus", str(text), "--out", str(tmp_path / "dense.json"), "--keep-checkpoint"])
+    ckpt = tmp_path / "dense.ckpt"
+    conv = TINY + ["--corpus", str(text), "--init", str(ckpt), "--mohd", "--groups", "4", "--shared", "1",
+                   "--top-k", "1", "--router", "magnitude", "--calibrate", "1", "--rebasis", "energy"]
+    with pytest.raises(SystemExit, match="--distill 1.0 needs a dense teacher"):
+        train_lm.make_teacher(train_lm.parse_args(TINY + ["--out", "x.json", "--distill", "1.0"]))
+    teacher = train_lm.make_teacher(train_lm.parse_args(conv + ["--out", "x.json", "--distill", "1.0"]))
+    dense = train_lm.build_model(train_lm.parse_args(TINY + ["--out", "x.json", "--init", str(ckpt)]))[0].eval()
+    windows = torch.randint(0, 256, (2, 17))
+    ce, kl = train_lm.distill_loss(dense, teacher, windows)          # the teacher is the dense model, frozen
+    assert abs(kl.item()) < 1e-6 and ce.item() == pytest.approx(train_lm.lm_loss(dense, windows).item(), rel=1e-6)
+    assert not any(q.requires_grad for q in teacher.parameters())
+    train_lm.main(conv + ["--distill", "1.0", "--out", str(tmp_path / "kd.json")])
+    train_lm.main(conv + ["--out", str(tmp_path / "ce.json")])
+    kd, ce_only = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("kd", "ce"))
+    assert [h["step"] for h in kd["history"] if "kl" in h] == [1, 2, 3, 4] and all(h["kl"] > 0 for h in kd["history"]
+                                                                                 if "kl" in h)
+    assert not any("kl" in h for h in ce_only["history"])
+    assert kd["history"][0] == ce_only["history"][0]                # the same converted model at step 0
+    assert kd["final_val_bpb"] != ce_only["final_val_bpb"]          # the KL term changed the updates
+    assert kd["cpu_s"] > 0 and kd["args"]["distill"] == 1.0
+
+
+def test_train_lm_distills_every_layer_stream_in_the_teachers_basis(tmp_path):
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    text = _tiny_text(tmp_path)
+    train_lm.main(TINY + ["--corpus", str(text), "--layers", "2", "--out", str(tmp_path / "dense.json"),
+                          "--keep-checkpoint"])
+    init = TINY + ["--corpus", str(text), "--layers", "2", "--init", str(tmp_path / "dense.ckpt")]
+    with pytest.raises(SystemExit, match="--distill-hidden 1.0 needs a dense teacher"):
+        train_lm.make_teacher(train_lm.parse_args(TINY + ["--out", "x.json", "--distill-hidden", "1.0"]))
+    teacher = train_lm.make_teacher(train_lm.parse_args(init + ["--out", "x.json", "--distill-hidden", "1.0"]))
+    train_data = torch.randint(0, 256, (400,), dtype=torch.uint8)
+    windows = torch.randint(0, 256, (2, 17))
+
+    def stream_error(flags):
+        args = train_lm.parse_args(init + ["--out", "x.json", "--calibrate", "1"] + flags)
+        model = train_lm.build_model(args, train_lm.calibration(train_data, args))[0].eval()
+        return train_lm.distill_loss(model, teacher, windows, hidden=True)[2].item()
+    rebased = ["--rebasis", "energy", "--mohd", "--router", "magnitude", "--groups", "4", "--shared", "1"]
+    assert stream_error(["--rebasis", "energy"]) < 1e-10                  # a permuted stream, compared unpermuted
+    assert stream_error(rebased + ["--top-k", "3"]) < 1e-10               # delta 1: the dense model
+    assert stream_error(rebased + ["--top-k", "1"]) > 1e-3                # delta 0.5 moves the stream
+    conv = init + rebased + ["--top-k", "1", "--calibrate", "1", "--distill", "1.0"]
+    train_lm.main(conv + ["--distill-hidden", "1.0", "--out", str(tmp_path / "hid.json")])
+    train_lm.main(conv + ["--out", str(tmp_path / "kl.json")])
+    hid, kl = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("hid", "kl"))
+    assert [h["step"] for h in hid["history"] if "hidden_err" in h] == [1, 2, 3, 4]
+    assert all(h["hidden_err"] > 0 for h in hid["history"] if "hidden_err" in h)
+    assert not any("hidden_err" in h for h in kl["history"])
+    assert hid["history"][0] == kl["history"][0]                        # the same converted model at step 0
+    assert hid["final_val_bpb"] != kl["final_val_bpb"]                  # the stream term changed the updates
+
+
+def test_routing_lockin_a_large_masked_write_fixes_every_later_branch_routing():
+    import argparse
+    lockin = _load(ROOT / "experiments" / "routing_lockin.py", "routing_lockin")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1000)          # layer 0's MLP writes a large output
+    args = argparse.Namespace(groups=8, shared=2, top_k=3)
+    windows = torch.randint(0, 64, (2, 17))
+    dense = lockin.branch_figures(model, windows, args)
+    mohdify.mohdify(model, mohdify.MoHDConfig(8, 2, 3, router="magnitude"),
+                    example_inputs={"input_ids": windows[:, :-1]})
+    rows = lockin.branch_figures(model, windows, args)
+    names = [f"model.layers.{i}.{k}" for i in (0, 1) for k in ("self_attn", "mlp")]
+    assert [r["branch"] for r in rows] == names and [r["branch"] for r in dense] == names
+    assert all(r["trace_equals_direct"] for r in rows) and not any("trace_equals_direct" in r for r in dense)
+    # the large write lands only in layer 0 MLP's active groups: every later branch picks the same groups
+    assert [r["same_as_previous"] for r in rows[2:]] == [1.0, 1.0] and rows[1]["same_as_previous"] < 1
+    assert rows[2]["routed_load"] == rows[1]["routed_load"]
+    assert dense[2]["same_as_previous"] < 1                          # written to every group, it picks others
+    assert rows[2]["stream_norm"] > 50 * rows[1]["stream_norm"]
+
+
+def test_train_lm_lr_schedule_warms_up_then_decays_to_final_lr():
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    a = train_lm.parse_args(["--out", "x.json", "--lr", "1.0", "--warmup", "2", "--steps", "6"])
+    assert [round(train_lm.lr_at(s, a), 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.868198, 0.55, 0.231802]
+    z = train_lm.parse_args(["--out", "x.json", "--lr", "1.0", "--warmup", "0", "--steps", "4", "--final-lr", "0"])
+    assert [round(train_lm.lr_at(s, z), 6) for s in range(4)] == [1.0, 0.853553, 0.5, 0.146447]
+
+
+def test_train_lm_anneal_trains_at_more_routed_groups_first(tmp_path, monkeypatch):
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    text = _tiny_text(tmp_path)
+    args = TINY + ["--corpus", str(text), "--mohd", "--groups", "4", "--shared", "1", "--top-k", "1", "--anneal", "2"]
+    parsed = train_lm.parse_args(args + ["--out", "x.json"])
+    assert [train_lm.anneal_top_k(s, parsed) for s in range(4)] == [3, 2, 1, 1]
+    seen, real = [], train_lm.lm_loss
+
+    def record(model, windows):
+        ks = {b.config.top_k for b in mohdify.branches(model)}
+        with mohdify.trace_routing(model) as routed:
+            loss = real(model, windows)
+        active = {r.mask.sum(-1).unique().item() for rs in routed.values() for r in rs}   # groups per token
+        seen.append((model.training, ks, active))
+        return loss
+    monkeypatch.setattr(train_lm, "lm_loss", record)
+    train_lm.main(args + ["--out", str(tmp_path / "a.json")])
+    train = [(k, a) for t, k, a in seen if t]
+    assert train == [({3}, {4}), ({2}, {3}), ({1}, {2}), ({1}, {2})]      # shared 1 + k routed
+    assert all(k == {1} and a == {2} for t, k, a in seen if not t)          # evaluations at the target density
+    with pytest.raises(SystemExit, match="--anneal 2 anneals"):
+        train_lm.main(TINY + ["--corpus", str(text), "--anneal", "2", "--out", str(tmp_path / "d.json")])
+
+
+def test_conversion_start_measures_layouts_before_training(tmp_path):
+    train_lm = _load(ROOT / "examples" / "train_lm.py", "train_lm")
+    start = _load(ROOT / "examples" / "conversion_start.py", "conversion_start")
+    text = _tiny_text(tmp_path)
+    train_lm.main(TINY + ["--corpus", str(text), "--out", str(tmp_path / "dense.json"), "--keep-checkpoint"])
+    dense = json.loads((tmp_path / "dense.json").read_text())
+    out = tmp_path / "start.json"
+    r = start.main(TINY + ["--corpus", str(text), "--init", str(tmp_path / "dense.ckpt"), "--layouts", "4:1:1",
+                           "4:0:2", "4:2:2", "--out", str(out)])
+    assert json.loads(out.read_text()) == r and r["git_commit"] and r["cpu_s"] > 0
+    rows = {row["layout"]: row for row in r["rows"]}
+    assert rows["dense"]["val_bpb"] == pytest.approx(dense["final_val_bpb"], abs=1e-5)
+    assert rows["4:1:1"]["density"] == rows["4:0:2"]["density"] == 0.5
+    assert rows["4:2:2"]["density"] == 1.0          # every group active: the re-based model is the dense one
+    assert rows["4:2:2"]["val_bpb"] == pytest.approx(rows["dense"]["val_bpb"], abs=1e-4)
+    assert rows["4:1:1"]["val_bpb"] > rows["4:2:2"]["val_bpb"]
+    with pytest.raises(SystemExit):
+        start.main(["--init", "x.ckpt", "--layouts", "4:1", "--out", str(out)])
+
+
 # ---------------------------------------------------------------- experiment runner
 def test_runner_skips_runs_whose_json_exists(tmp_path, monkeypatch, capsys):
     runner = _load(ROOT / "experiments" / "run_research.py", "run_research")
@@ -285,6 +417,37 @@ def test_claims_are_pending_until_every_seed_at_the_best_rate_exists(tmp_path):
     assert r1["value"].startswith(f"{(1.7 + 3.5) / 3:.4f} vs 1.8000") and "(-3.70%)" in r1["value"]
     assert done["R2-controlled"]["status"] == "pending" and done["R5-causal-0.5"]["status"] == "pending"
     assert "**1.8000**" in claims.sweep_table(tmp_path, "r1-tuned")
+
+
+def test_causal_claim_takes_the_best_delta_half_run_within_200_steps(tmp_path):
+    claims = _load(ROOT / "experiments" / "claims.py", "claims")
+    (tmp_path / "dense-probe.json").write_text(json.dumps({"final_val_bpb": 2.0}))
+    args = {"init": str(tmp_path / "dense-probe.ckpt"), "lr": 3e-3, "warmup": 0, "distill": 1.0, "groups": 16,
+            "shared": 4, "top_k": 4}
+
+    def put(name, bpb, density=0.5, steps=100):
+        (tmp_path / "r5-causal").mkdir(exist_ok=True)
+        (tmp_path / "r5-causal" / f"{name}.json").write_text(json.dumps(
+            {"final_val_bpb": bpb, "density": density, "steps": steps, "args": args, "cpu_s": 12.5,
+             "history": [{"step": 0, "val_bpb": 3.0}]}))
+    put("a", 2.05)
+    put("wider", 2.01, density=0.75)                               # another density: not this claim's
+    put("longer", 2.02, steps=400)                                 # over the step budget
+    c = {c["id"]: c for c in claims.claims(tmp_path)}["R5-causal-0.5"]
+    assert c["met"] is False and c["status"] == "not met" and c["sources"][0].endswith("r5-causal/a.json")
+    assert c["value"] == "2.0500 vs dense 2.0000 (+2.50%) after 100 steps (lr 0.003, distill 1)"
+    put("b", 2.03)
+    c = {c["id"]: c for c in claims.claims(tmp_path)}["R5-causal-0.5"]
+    assert c["met"] is True and c["status"] == "met" and "(+1.50%)" in c["value"]
+    table = claims.causal_table(tmp_path)
+    assert "| b | dense-probe | 2.0 | 0.5 | 4 + 4 of 16 | 0.003 | 0 | 1 | - | 100 | 12.5 | 3.0 | 2.0300 | +1.50% |" \
+        in table
+    args.update({"distill_hidden": 1.0, "weight_decay": 0.0, "scaling": "none", "anneal": 0})
+    put("c", 2.02)
+    c = {c["id"]: c for c in claims.claims(tmp_path)}["R5-causal-0.5"]
+    assert c["value"] == "2.0200 vs dense 2.0000 (+1.00%) after 100 steps (lr 0.003, distill 1, hidden 1, wd 0)"
+    assert "| c | dense-probe | 2.0 | 0.5 | 4 + 4 of 16 | 0.003 | 0 | 1 | hidden 1, wd 0 | 100 |" in \
+        claims.causal_table(tmp_path)
 
 
 # ---------------------------------------------------------------- conversion example
