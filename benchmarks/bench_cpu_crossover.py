@@ -89,15 +89,20 @@ def case(kind: str, dim: int, tokens: int, delta: float, dtype: torch.dtype, gen
 
 
 def forced(kind: str, dtype: torch.dtype, path: str):
-    """Context: the crossover table set so that `kind` always (grouped) or never (dense) groups."""
+    """Context: the crossover tables (torch loops and native kernels) set so that `kind` always
+    (grouped) or never (dense) groups."""
+    tables = (crossover.GROUPED_WHEN, crossover.GROUPED_WHEN_NATIVE)
+
     class Force:
         def __enter__(self):
-            self.saved = dict(crossover.GROUPED_WHEN)
-            crossover.GROUPED_WHEN[(kind, dtype)] = [(0, 0, 1 << 62, 1.0)] if path == "grouped" else []
+            self.saved = [dict(t) for t in tables]
+            for t in tables:
+                t[(kind, dtype)] = [(0, 0, 1 << 62, 1.0)] if path == "grouped" else []
 
         def __exit__(self, *exc):
-            crossover.GROUPED_WHEN.clear()
-            crossover.GROUPED_WHEN.update(self.saved)
+            for t, saved in zip(tables, self.saved):
+                t.clear()
+                t.update(saved)
     return Force()
 
 

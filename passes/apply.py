@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mohdify.codegen.cpu import native
 from mohdify.codegen.cpu.layout import lay_out_reader_weight, restore_row_major
 from mohdify.config import MoHDConfig
 from mohdify.modules import MoHDBranch, MoHDLinear, MoHDReader, MoHDWriter
@@ -75,6 +76,8 @@ def apply_plan(model: nn.Module, plan: Plan, config: MoHDConfig) -> list[MoHDBra
     for b in plan.branches:   # once every swap is made: CPU reader weights stored group-contiguous
         for name in b.readers:
             lay_out_reader_weight(model.get_submodule(name).original)
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        native.library()      # built / loaded now, so a torch.compile trace sees the native kernels (grouped.py)
     return made
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..contracts import check_read_backward, check_write_backward
+from . import grouped
 from .layout import is_column_major
 from .plan import GroupPlan, plan_groups, runs
 
@@ -39,8 +40,8 @@ __all__ = ["read_backward_cpu", "write_backward_cpu", "PATHS"]
 PATHS: Counter = Counter()   # "read_backward:grouped" -> calls; read by tests and benchmarks
 
 
-def _plan(active: Tensor, dtype: torch.dtype, kind: str, group_size: int) -> GroupPlan:
-    plan = plan_groups(active, dtype, kind, group_size)
+def _plan(active: Tensor, dtype: torch.dtype, kind: str, group_size: int, native: bool) -> GroupPlan:
+    plan = plan_groups(active, dtype, kind, group_size, native)
     if plan.path == "decode":   # few tokens: the grouped loops with every partial group's tokens
         tokens_of = {g: active[:, g].nonzero().squeeze(1) for g in plan.partial}
         plan = GroupPlan("grouped", plan.full, plan.partial, tokens_of)
@@ -73,6 +74,13 @@ def _read_grads_grouped(grad: Tensor, x: Tensor, xa: Tensor, weight: Tensor, pla
         cols = slice(a * group_size, b * group_size)
         p[:, cols] = grad @ weight[:, cols]                                   # [T, (b-a)G]
         torch.mm(xa[:, cols].t(), grad, out=gwt[cols])                        # [(b-a)G, O]
+    wt = weight.t()                                                           # [D, O]
+    if grouped.takes(grad, xa, wt, p, gwt):                                   # partial groups: native, in place
+        c = grouped.csr(plan)
+        grouped.dot(p, grad, wt, None, c, group_size)                         # p[t, g] = grad[t] W[:, g]
+        grouped.wgrad(gwt, xa, grad, c, group_size)                           # gwt[g] = xa[T_g, g]^T grad[T_g]
+        _unused_rows_zero(gwt, plan, x.shape[1] // group_size, group_size)
+        return p, gwt
     for g in plan.partial:
         cols = slice(g * group_size, (g + 1) * group_size)
         idx = plan.tokens_of[g]                                               # [T_g]
@@ -105,7 +113,7 @@ def read_backward_cpu(grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, m
         PATHS["read_backward:empty"] += 1
         return (x.new_zeros(x.shape), torch.zeros_like(weight), grad.sum(0) if has_bias else None,
                 alpha.new_zeros(0) if alpha is not None else None)
-    plan = _plan(mask, x.dtype, "read_backward", group_size)
+    plan = _plan(mask, x.dtype, "read_backward", group_size, grouped.takes(grad, x, weight.t()))
     if plan.path == "grouped":
         xa = x if alpha is None else x * alpha[:, None].to(x.dtype)           # [T, D]
         p, gwt = _read_grads_grouped(grad, x, xa, weight, plan, group_size)
@@ -143,6 +151,14 @@ def _write_grads(gz: Tensor, u: Tensor, weight: Tensor, bias: Optional[Tensor], 
             z[:, rows] = _affine(u, weight[rows], None if bias is None else bias[rows])
     if grad_u is None:
         grad_u = u.new_zeros(u.shape)                                         # [T, I]
+    if grouped.takes(gz, u, weight, bias, grad_u, gw, z):                     # partial groups: native, in place
+        c = grouped.csr(plan)
+        grouped.acc(grad_u, gz, weight, c, group_size)                        # grad_u[t] += gz[t, g] W[g]
+        grouped.wgrad(gw, gz, u, c, group_size)                               # gw[g] = gz[T_g, g]^T u[T_g]
+        if need_z:
+            grouped.dot(z, u, weight, bias, c, group_size)                    # z[t, g] = W[g] u[t] + b[g]
+        _unused_rows_zero(gw, plan, dim // group_size, group_size)
+        return grad_u, gw, z
     for g in plan.partial:
         rows = slice(g * group_size, (g + 1) * group_size)
         idx = plan.tokens_of[g]                                               # [T_g]
@@ -177,7 +193,7 @@ def write_backward_cpu(grad: Tensor, u: Tensor, weight: Tensor, bias: Optional[T
         return (u.new_zeros(u.shape), weight.new_zeros(weight.shape), gz.sum(0) if bias is not None else None,
                 gates.new_zeros(gates.shape), grad_fusion)
     active = gates != 0                                                       # [T, N]
-    plan = _plan(active, u.dtype, "write_backward", group_size)
+    plan = _plan(active, u.dtype, "write_backward", group_size, grouped.takes(grad, u, weight, bias))
     from_out = out is not None and fusion is None and need_gates
     need_z = (need_gates or fusion is not None) and not from_out
     grad_u, gw, z = _write_grads(gz, u, weight, bias, plan, group_size, need_z)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GROUPED_WHEN", "grouped_pays"]
+__all__ = ["GROUPED_WHEN", "GROUPED_WHEN_NATIVE", "grouped_pays"]
 
 _F32 = torch.float32
 _ANY = 1 << 62
@@ -39,10 +39,23 @@ GROUPED_WHEN: dict[tuple[str, torch.dtype], list[tuple[int, int, int, float]]] =
 }
 
 
-def grouped_pays(kind: str, dtype: torch.dtype, group_size: int, tokens: int, share: float) -> bool:
+# With the native kernels (grouped.c: the partial groups computed in place, no gathered copies), measured
+# the same way (benchmarks/results/cpu/cpu_crossover_native_*.json, codegen/README.md): at G 32 (D 512)
+# grouped / dense path 1.13-1.54x at delta 0.5 for T 128-2048 (every kind), 0.94-1.31x at T 8192, and
+# 0.69-1.13x at delta 0.75; at G 128 (D 2048) 1.22-2.04x at delta 0.5, T 512-2048. G 8 (D 128) still
+# loses at delta 0.5 (0.58-1.02x forward): no row, so train_lm.py's default shape stays dense.
+_NATIVE = [(32, 0, 4096, 0.5), (32, 0, _ANY, 0.3)]
+GROUPED_WHEN_NATIVE: dict[tuple[str, torch.dtype], list[tuple[int, int, int, float]]] = {
+    (kind, _F32): _NATIVE for kind in ("read", "write", "read_backward", "write_backward")}
+
+
+def grouped_pays(kind: str, dtype: torch.dtype, group_size: int, tokens: int, share: float,
+                 native: bool = False) -> bool:
     """Whether the grouped path is the faster one for a call of `tokens` tokens whose active
-    (token, group) pairs are `share` of T * N, at group size `group_size` (0: unknown, taken as wide)."""
-    for min_group, min_tokens, max_tokens, max_share in GROUPED_WHEN.get((kind, dtype), ()):
+    (token, group) pairs are `share` of T * N, at group size `group_size` (0: unknown, taken as wide);
+    `native`: the native many-token kernels (grouped.py) take the call's partial groups."""
+    table = GROUPED_WHEN_NATIVE if native else GROUPED_WHEN
+    for min_group, min_tokens, max_tokens, max_share in table.get((kind, dtype), ()):
         if (group_size == 0 or group_size >= min_group) and min_tokens <= tokens <= max_tokens:
             return share <= max_share
     return False

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import grouped
 from .backward import PATHS
 from .crossover import grouped_pays
 from .plan import DECODE_MAX_TOKENS
@@ -51,7 +52,8 @@ def masked_pays(x: Tensor, group_size: int, density: float) -> bool:
     tokens = x.shape[0]
     if tokens <= DECODE_MAX_TOKENS:
         return False
-    return not any(grouped_pays(kind, x.dtype, group_size, tokens, density) for kind in _KINDS)
+    native = x.dtype == torch.float32 and grouped.available()
+    return not any(grouped_pays(kind, x.dtype, group_size, tokens, density, native) for kind in _KINDS)
 
 
 def expand_groups_mm(per_group: Tensor, group_size: int, dtype: torch.dtype) -> Tensor:

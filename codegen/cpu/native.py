@@ -42,6 +42,7 @@ from .plan import DECODE_MAX_TOKENS
 __all__ = ["library", "read", "write", "calls", "reset", "DTYPES", "MAX_TOKENS"]
 
 SOURCE = Path(__file__).with_name("native.c")
+SOURCES = (SOURCE, Path(__file__).with_name("grouped.c"))   # one library: decode + many-token (grouped.py)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_WEIGHTS = 16                      # weights one read call takes (native.c)
@@ -50,6 +51,7 @@ calls: Counter = Counter()            # "read" / "write": calls the native kerne
 
 _lock = threading.Lock()
 _state: dict = {}                     # "lib": CDLL or None once tried; "why": the reason it is None
+LOADED = False                        # the library is loaded (a plain bool: torch.compile's tracing reads it)
 
 
 def _compiler() -> Optional[str]:
@@ -77,14 +79,16 @@ def _cache_dir() -> Path:
 def _build(cc: str) -> Path:
     """The cached library's path, compiling it first if it is not there; raises on failure."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_key()]).encode())
+    key = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), " ".join(FLAGS), version,
+                                  _cpu_key()]).encode())
     target = _cache_dir() / f"mohd_native_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(out)], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} exited with {done.returncode}: {done.stderr.strip()[-800:]}")
         os.replace(out, target)                                               # atomic: concurrent builds agree
@@ -98,6 +102,13 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.mohd_read.restype = i32
     lib.mohd_write.argtypes = [i32, i64, i64, i32, p, i32, p, i64, p, p, i32, p, p, i32]
     lib.mohd_write.restype = i32
+    for name in ("mohd_gs_acc", "mohd_gs_wgrad"):        # grouped.c (grouped.py)
+        getattr(lib, name).argtypes = [i64, p, p, p, p, i64, p, i64, p, i64, i64, i64, i32]
+        getattr(lib, name).restype = i32
+    lib.mohd_gs_dot.argtypes = [i64, p, p, p, p, i64, p, i64, p, p, i64, i64, i64, i32]
+    lib.mohd_gs_dot.restype = i32
+    lib.mohd_gs_plan.argtypes = [i64, i64, p, i64, p, p, p, p]
+    lib.mohd_gs_plan.restype = i64
     return lib
 
 
@@ -123,13 +134,17 @@ def library() -> Optional[ctypes.CDLL]:
                           "their torch path on CPU (same results, slower decode). MOHDIFY_NATIVE=0 silences this.",
                           RuntimeWarning, stacklevel=2)
         _state.update(lib=lib, why=why)
+        global LOADED
+        LOADED = lib is not None
         return lib
 
 
 def reset() -> None:
     """Forget the loaded library (tests: simulate a machine without a compiler, then come back)."""
+    global LOADED
     with _lock:
         _state.clear()
+        LOADED = False
 
 
 def _lib() -> Optional[ctypes.CDLL]:

@@ -17,6 +17,7 @@ Shape legend: T = tokens, N = groups, G = group size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -45,18 +46,25 @@ class GroupPlan:
     full: list[int]               # groups every token uses
     partial: list[int]            # groups some but not all tokens use
     tokens_of: dict[int, Tensor]  # grouped path: group -> int64 ids of its tokens (partial groups only)
+    csr: Optional[Any] = None     # the same lists as one grouped.Csr, when the native planner made them
 
     @property
     def used(self) -> list[int]:
         return sorted(self.full + self.partial)
 
 
-def plan_groups(active: Tensor, dtype: torch.dtype, kind: str, group_size: int = 0) -> GroupPlan:
+def plan_groups(active: Tensor, dtype: torch.dtype, kind: str, group_size: int = 0, native: bool = False) -> GroupPlan:
     """`active` `[T, N]` bool (reader mask, or writer gates != 0) -> the plan of one call (T >= 1);
     `kind` is a key of the crossover table (codegen/cpu/crossover.py: "read", "write",
-    "read_backward", "write_backward"), `group_size` G (0: unknown)."""
+    "read_backward", "write_backward"), `group_size` G (0: unknown), `native` whether the native
+    many-token kernels (grouped.py) take the call's operands (their own crossover table)."""
     num_tokens, num_groups = active.shape
-    counts = active.sum(0).tolist()                                           # [N] tokens per group
+    lists = None
+    if native and num_tokens > DECODE_MAX_TOKENS:   # one C pass: counts and the partial groups' token lists
+        from .grouped import plan_lists
+        counts, lists = plan_lists(active)
+    else:
+        counts = active.sum(0).tolist()                                       # [N] tokens per group
     full = [g for g, c in enumerate(counts) if c == num_tokens]
     partial = [g for g, c in enumerate(counts) if 0 < c < num_tokens]
     if len(full) == num_groups:
@@ -64,7 +72,11 @@ def plan_groups(active: Tensor, dtype: torch.dtype, kind: str, group_size: int =
     if num_tokens <= DECODE_MAX_TOKENS:
         return GroupPlan("decode", full, partial, {})
     share = sum(counts) / (num_tokens * num_groups)
-    if not grouped_pays(kind, dtype, group_size, num_tokens, share):
+    if not grouped_pays(kind, dtype, group_size, num_tokens, share, native):
         return GroupPlan("dense", full, partial, {})
+    if lists is not None:
+        off = lists.off.tolist()
+        tokens_of = {g: lists.tok[off[s]:off[s + 1]] for s, g in enumerate(partial)}  # [T_g] each, views
+        return GroupPlan("grouped", full, partial, tokens_of, lists)
     tokens_of = {g: active[:, g].nonzero().squeeze(1) for g in partial}      # [T_g] each
     return GroupPlan("grouped", full, partial, tokens_of)

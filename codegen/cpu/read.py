@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..contracts import check_read, check_read_multi
-from . import native
+from . import grouped, native
 from .plan import GroupPlan, plan_groups, runs
 
 __all__ = ["read_cpu", "read_multi_cpu"]
@@ -73,6 +73,9 @@ def _read_grouped(x: Tensor, weight: Tensor, bias, alpha, plan: GroupPlan, group
         y = _accumulate(y, torch.mm(x[:, cols], wt[cols]))                    # [T, O]
     if y is None:
         y = x.new_zeros(x.shape[0], weight.shape[0], dtype=torch.float32)    # [T, O]
+    if grouped.takes(x, wt, y):                                              # the partial groups in one native call
+        grouped.acc(y, x, wt, grouped.csr(plan), group_size)
+        return _finish(y, x, weight.shape[0], bias, alpha)
     for g in plan.partial:
         cols = slice(g * group_size, (g + 1) * group_size)
         idx = plan.tokens_of[g]                                               # [T_g]
@@ -113,7 +116,7 @@ def read_cpu(x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, al
     group_size = check_read("mohdify::read", x, weight, bias, mask, alpha)
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[0])
-    plan = plan_groups(mask, x.dtype, "read", group_size)
+    plan = plan_groups(mask, x.dtype, "read", group_size, grouped.takes(x, weight.t()))
     xm = _masked_input(x, mask, plan, group_size) if plan.path != "grouped" else None
     return _read_one(x, xm, weight, bias, mask, alpha, plan, group_size)
 
@@ -127,6 +130,6 @@ def read_multi_cpu(x: Tensor, weights: list[Tensor], biases: list[Optional[Tenso
     group_size = check_read_multi("mohdify::read_multi", x, weights, biases, mask, alpha)
     if x.shape[0] == 0:
         return [x.new_zeros(0, w.shape[0]) for w in weights]
-    plan = plan_groups(mask, x.dtype, "read", group_size)
+    plan = plan_groups(mask, x.dtype, "read", group_size, grouped.takes(x, *(w.t() for w in weights)))
     xm = _masked_input(x, mask, plan, group_size) if plan.path != "grouped" else None
     return [_read_one(x, xm, w, b, mask, alpha, plan, group_size) for w, b in zip(weights, biases)]

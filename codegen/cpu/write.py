@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..contracts import check_write
 from ..write.naive import write_naive
-from . import native
+from . import grouped, native
 from .plan import GroupPlan, plan_groups, runs
 
 __all__ = ["write_cpu", "write_add_cpu"]
@@ -65,6 +65,9 @@ def _write_grouped(u, weight, bias, gates, fusion, plan: GroupPlan, group_size: 
     o = u.new_zeros(u.shape[0], weight.shape[0])                              # [T, D]
     for a, b in runs(plan.full):
         _rows(o, u, weight, bias, a, b, group_size)
+    if grouped.takes(u, weight, bias, o):                                   # the partial groups in one native call
+        grouped.dot(o, u, weight, bias, grouped.csr(plan), group_size)
+        return _gate_and_mix(o, gates, fusion, plan.used)
     for g in plan.partial:
         rows = slice(g * group_size, (g + 1) * group_size)
         idx = plan.tokens_of[g]                                               # [T_g]
@@ -85,7 +88,7 @@ def write_cpu(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, 
 def _write(u, weight, bias, gates, fusion, group_size: int) -> Tensor:
     if u.shape[0] == 0:
         return u.new_zeros(0, weight.shape[0])
-    plan = plan_groups(gates != 0, u.dtype, "write", group_size)
+    plan = plan_groups(gates != 0, u.dtype, "write", group_size, grouped.takes(u, weight, bias))
     if plan.path == "dense":
         return write_naive(u, weight, bias, gates, fusion)                    # [T, D]
     if plan.path == "decode":

@@ -27,10 +27,11 @@ SHAPES = [(0, 4, 8, 7), (1, 16, 3, 37), (7, 5, 5, 11), (130, 8, 32, 23), (600, 1
 def force(monkeypatch):
     """force(kind, path): make the crossover table send every call of `kind` down `path`."""
     def set_path(kind: str, path: str) -> None:
-        table = dict(crossover.GROUPED_WHEN)
-        for dtype in DTYPES:
-            table[(kind, dtype)] = [(0, 0, 1 << 62, 1.0)] if path == "grouped" else []
-        monkeypatch.setattr(crossover, "GROUPED_WHEN", table)
+        for name in ("GROUPED_WHEN", "GROUPED_WHEN_NATIVE"):   # the torch loops' table and the native kernels'
+            table = dict(getattr(crossover, name))
+            for dtype in DTYPES:
+                table[(kind, dtype)] = [(0, 0, 1 << 62, 1.0)] if path == "grouped" else []
+            monkeypatch.setattr(crossover, name, table)
     return set_path
 
 

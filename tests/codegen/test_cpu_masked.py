@@ -16,6 +16,7 @@ from zoo import NanoGPT, _ids
 import mohdify
 import mohdify.modules as modules
 from mohdify.codegen import read_naive, write_naive
+from mohdify.codegen.cpu import native
 from mohdify.codegen.cpu.backward import PATHS
 from mohdify.codegen.cpu.masked import expand_groups_mm, masked_pays
 
@@ -52,15 +53,24 @@ def _reference_path(monkeypatch):
     monkeypatch.setattr(modules, "write_op", write_naive)
 
 
-def test_masked_pays_follows_the_crossover_table():
+def test_masked_pays_follows_the_crossover_table(monkeypatch):
     x = torch.zeros(2048, 128)
     assert masked_pays(x, 8, 0.5)                                             # G 8: no grouped row
     assert masked_pays(x.bfloat16(), 32, 0.25)                                # bf16: always dense
-    assert masked_pays(torch.zeros(512, 512), 32, 0.5)                        # G 32 above 30% active
+    # G 32 at delta 0.5: the native kernels' table groups it; the torch loops' table does not
+    assert masked_pays(torch.zeros(512, 512), 32, 0.5) is (native.library() is None)
     assert not masked_pays(torch.zeros(512, 512), 32, 0.25)                   # grouped pays
     assert not masked_pays(torch.zeros(16, 128), 8, 0.5)                      # decode: the kernels
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not masked_pays(x, 8, 0.5)
+    monkeypatch.setenv("MOHDIFY_NATIVE", "0")
+    native.reset()
+    try:
+        assert masked_pays(torch.zeros(512, 512), 32, 0.5)                    # no library: G 32 above 30% active
+        assert not masked_pays(torch.zeros(512, 512), 32, 0.25)
+    finally:
+        monkeypatch.delenv("MOHDIFY_NATIVE")
+        native.reset()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
