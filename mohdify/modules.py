@@ -143,8 +143,9 @@ class MoHDBranch(nn.Module):
         held = SLOTS.slots.get(id(self))
         return None if held is None else held[2]
 
-    def take_routing(self) -> Routing:
-        """The writer's view: the routing of this application, removed from the slot."""
+    def take_routing(self) -> tuple[Routing, bool]:
+        """The writer's view: (the routing of this application, removed from the slot; whether the
+        application runs the masked path, decided once by its first reader)."""
         held = SLOTS.slots.pop(id(self), None)
         if held is None:
             raise RuntimeError(
@@ -153,7 +154,7 @@ class MoHDBranch(nn.Module):
         routing = held[2]
         if routing.balance is not None and not self.in_backward():
             self.balance_log.add(routing.balance, self.name)
-        return routing
+        return routing, held[3] is not None
 
 
 class MoHDLinear(nn.Module):
@@ -197,7 +198,8 @@ class MoHDWriter(MoHDLinear):
     """A linear writing the residual stream: only the rows of active groups, gated and fused."""
 
     def forward(self, u: Tensor) -> Tensor:
-        gates = self.branch.take_routing().gates                              # [T, N]
+        routing, masked = self.branch.take_routing()
+        gates = routing.gates                                                 # [T, N]
         lead = u.shape[:-1]
         u2 = u.reshape(-1, u.shape[-1])                                       # [T, I]
         if u2.shape[0] != gates.shape[0]:
@@ -205,7 +207,7 @@ class MoHDWriter(MoHDLinear):
                 f"MoHD writer of branch {self.branch.name!r} got {u2.shape[0]} tokens, but its readers "
                 f"routed {gates.shape[0]}: a branch must write the tokens it read.")
         weight, fusion = self.linear_weight(), self.branch.fusion
-        if weight.dtype == u2.dtype and masked_pays(u2, self.branch.group_size, self.branch.config.density):
+        if masked and weight.dtype == u2.dtype:
             o = write_masked(u2, weight, self.bias, gates, fusion)            # [T, D]
         else:
             o = write_op(u2, weight, self.bias, gates, fusion)                # [T, D]

@@ -91,14 +91,15 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
     table = LayerTable.of_model(model)
     cap = capture(model, example_inputs)
     resolvers, analyses = _analyse(cap, table)
+    retry_failed = ""
     if cap.frontend == "dynamo" and not any(a.hidden_size for a in analyses):
         # graph breaks inside the blocks put a branch and its residual add in different graphs
         why = "its graphs show no residual add beside the branch that feeds it (graph breaks split the blocks)"
         try:
             cap = capture(model, example_inputs, after="dynamo", failures=[*cap.failures, ("dynamo", why)])
             resolvers, analyses = _analyse(cap, table)
-        except CaptureError:
-            pass   # no later front-end captures: the dynamo graphs stand and the error below says why
+        except CaptureError as err:   # no later front-end captures: the dynamo graphs stand
+            retry_failed = f"\nThe capture front-ends after dynamo were tried too: {err}"
     hiddens = [a.hidden_size for a in analyses if a.hidden_size]
     if not hiddens:
         found = sum(len(a.linears) for a in analyses)
@@ -112,7 +113,7 @@ def find_plan(model: nn.Module, example_inputs: Any, config: Optional[MoHDConfig
             f"{type(model).__name__} has no residual branch MoHD can rewrite: among its {found} linear-layer "
             f"calls (captured with {cap.frontend}), none writes into a residual add (h + f(h)) whose other operand "
             "feeds that layer. MoHD needs a Transformer-style residual stream (models such as an MLP without skip "
-            "connections or a CNN have none)." + unseen)
+            "connections or a CNN have none)." + unseen + retry_failed)
     hidden = max(set(hiddens), key=hiddens.count)
     keep = None if filter_fn is None else (lambda name: filter_fn(modules[name], name))
     selection = select_branches(analyses, hidden, table, keep)

@@ -16,6 +16,7 @@ import importlib
 import os
 from contextlib import contextmanager
 
+import pytest
 import torch
 from conftest import assert_close
 from fuzz_models import LayerSpec, Spec, build, expected
@@ -176,3 +177,27 @@ def test_dynamo_graphs_that_split_every_branch_from_its_add_fall_through():
     assert ("dynamo", "its graphs show no residual add beside the branch that feeds it (graph breaks split "
             "the blocks)") in plan.capture_failures, plan.capture_failures
     assert sorted(b.name for b in plan.branches) == ["blocks.0.mixer", "blocks.1", "blocks.1.mixer"]
+
+
+def test_split_dynamo_graphs_with_no_later_front_end_say_why_each_failed(monkeypatch):
+    """The model above, with every front-end after dynamo failing too: the error names dynamo's reason
+    and each later front-end's, instead of dropping them."""
+    loop = LayerSpec(attn="separate", mlp="moe_loop", residual="parallel1", order=("x", "a", "m"), add="+",
+                     scale=2.0, cast=False, layer_scale=False, gate=False, xwt=True, data_if=False)
+    spec = Spec(d=16, heads=2, norm="none", placement="post", layers=(loop,), names=("blocks", "mixer", "ffn"),
+                pooler=False, probe=True, tied=True, seed=4822)
+    model, inputs = build(spec)
+    later = [fe for fe in capture_mod.FRONTENDS if capture_mod.FRONTENDS.index(fe) > 1]
+
+    def failing(name):
+        def run(*args):
+            raise RuntimeError(f"{name} disabled by the test")
+        return run
+    monkeypatch.setattr(capture_mod, "FRONTENDS", capture_mod.FRONTENDS[:2] + [
+        capture_mod.FrontEnd(fe.name, failing(fe.name)) for fe in later])
+    with frontend("dynamo"), pytest.raises(mohdify.UnsupportedModelError) as err:
+        mohdify.explain(model, inputs, mohdify.MoHDConfig.dense(num_groups=8, num_shared=1))
+    text = str(err.value)
+    assert "The capture front-ends after dynamo were tried too" in text, text
+    for fe in later:
+        assert f"{fe.name}: RuntimeError: {fe.name} disabled by the test" in text, text
