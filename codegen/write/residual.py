@@ -61,15 +61,22 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.has_fusion = fusion is not None
     ctx.residual_dtype = residual.dtype
+    # fp32 without fusion: the backward reads the write (gates * z) as output - residual, so the gates'
+    # gradient needs no second matmul (as `write` reads its output). Both tensors are the hidden states
+    # before and after the branch, which the model keeps for its own backward anyway. bf16 / fp16 would
+    # lose the write to cancellation against a large residual: they run the matmul.
+    ctx.from_out = fusion is None and u.dtype == residual.dtype == torch.float32
     empty = u.new_empty(0)
     ctx.save_for_backward(u, weight, bias if bias is not None else empty, gates,
-                          fusion if fusion is not None else empty)
+                          fusion if fusion is not None else empty,
+                          output if ctx.from_out else empty, residual if ctx.from_out else empty)
 
 
 def _backward(ctx, grad):
-    u, weight, bias, gates, fusion = ctx.saved_tensors
+    u, weight, bias, gates, fusion, output, residual = ctx.saved_tensors
     grads = write_backward(grad.to(u.dtype), u, weight, bias if ctx.has_bias else None, gates,
-                           fusion if ctx.has_fusion else None, ctx.needs_input_grad[3])
+                           fusion if ctx.has_fusion else None, ctx.needs_input_grad[3],
+                           output - residual if ctx.from_out else None)
     return (*grads, grad.to(ctx.residual_dtype))
 
 

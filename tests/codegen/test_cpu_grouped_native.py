@@ -216,3 +216,29 @@ def test_training_step_takes_the_native_path_and_matches_the_reference(monkeypat
     assert got.keys() == want.keys() and len(got) >= 5
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_write_add_reads_z_from_its_output_in_fp32():
+    """write_add without fusion (what the backend emits): the gates' gradient comes from output - residual,
+    no second product for z (one native `dot`, the forward's), and equals the float64 reference even
+    with a residual 30x larger than the write."""
+    gen = torch.Generator().manual_seed(6)
+    tokens, groups, group_size, inner = 300, 16, 32, 72
+    dim = groups * group_size
+    active = _active(gen, tokens, groups, 0.3)
+    active[:, 0] = True
+    u = torch.randn(tokens, inner, generator=gen, requires_grad=True)
+    w = (torch.randn(dim, inner, generator=gen) / inner ** 0.5).requires_grad_()
+    gates = (torch.rand(tokens, groups, generator=gen) + 0.5).mul(active).requires_grad_()
+    residual = (30 * torch.randn(tokens, dim, generator=gen)).requires_grad_()
+    calls = dict(grouped.calls)
+    out = OPS.write_add(u, w, None, gates, None, residual)
+    grad = torch.randn(tokens, dim, generator=gen)
+    got = torch.autograd.grad(out, (u, w, gates, residual), grad)
+    assert grouped.calls["dot"] == calls.get("dot", 0) + 1, "z came from the output, not a second product"
+    ref = [t.detach().double().requires_grad_() for t in (u, w, gates, residual)]
+    z = ref[0] @ ref[1].t()                                                   # [T, D]
+    want = list(torch.autograd.grad((z * ref[2].repeat_interleave(group_size, 1) + ref[3]), ref, grad.double()))
+    want[2] = want[2] * active   # a zero gate (inactive group) gets a zero gradient on CPU (cpu/backward.py)
+    for name, g, r in zip(("u", "weight", "gates", "residual"), got, want):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4, msg=name)
