@@ -27,9 +27,10 @@ from torch import Tensor
 from . import native
 from .plan import GroupPlan
 
-__all__ = ["Csr", "csr", "plan_lists", "available", "takes", "acc", "dot", "wgrad", "calls"]
+__all__ = ["Csr", "csr", "plan_lists", "available", "takes", "acc", "dot", "wgrad", "calls", "MAX_GROUPS"]
 
 calls: Counter = Counter()   # "acc" / "dot" / "wgrad": native calls made
+MAX_GROUPS = 4096            # partial groups one acc call takes (grouped.c MAX_SEL); plan.py checks it
 
 
 class Csr(NamedTuple):
@@ -88,8 +89,10 @@ def _ptrs(c: Csr):
 
 def acc(y: Tensor, x: Tensor, wt: Tensor, c: Csr, group_size: int) -> None:
     """y `[T, C]` += x[t, group] @ wt[group rows] `[D, C]` for each partial group's tokens, in place."""
-    native.library().mohd_gs_acc(*_ptrs(c), x.data_ptr(), x.stride(0), wt.data_ptr(), wt.stride(0),
-                                 y.data_ptr(), y.stride(0), y.shape[1], group_size, torch.get_num_threads())
+    status = native.library().mohd_gs_acc(*_ptrs(c), x.data_ptr(), x.stride(0), wt.data_ptr(), wt.stride(0),
+                                          y.data_ptr(), y.stride(0), y.shape[1], group_size, torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"mohdify native acc: {c.gid.numel()} partial groups, at most {MAX_GROUPS} are taken")
     calls["acc"] += 1
 
 

@@ -60,8 +60,10 @@ def plan_groups(active: Tensor, dtype: torch.dtype, kind: str, group_size: int =
     many-token kernels (grouped.py) take the call's operands (their own crossover table)."""
     num_tokens, num_groups = active.shape
     lists = None
+    if native:
+        from .grouped import MAX_GROUPS, plan_lists
+        native = num_groups <= MAX_GROUPS                                     # the native kernels' limit
     if native and num_tokens > DECODE_MAX_TOKENS:   # one C pass: counts and the partial groups' token lists
-        from .grouped import plan_lists
         counts, lists = plan_lists(active)
     else:
         counts = active.sum(0).tolist()                                       # [N] tokens per group

@@ -146,6 +146,11 @@ def test_dispatch_uses_the_native_table():
     x = torch.randn(512, 512, generator=gen)
     assert not grouped.takes(x, w.t()) and grouped.takes(x, w.t().contiguous())
     assert not grouped.takes(x.bfloat16())
+    many = torch.zeros(40, grouped.MAX_GROUPS + 1, dtype=torch.bool)            # past the native kernels' limit
+    many[:, 0] = True
+    many[::2, 1] = True
+    plan = plan_groups(many, torch.float32, "read", 32, native=True)
+    assert plan.path == "grouped" and plan.csr is None, "the torch loops' plan (their table: share tiny)"
 
 
 def test_library_off_runs_the_torch_loops(monkeypatch):
