@@ -1,4 +1,7 @@
-"""The native decode kernels (native.c): built at first use, cached on disk, called through ctypes.
+"""The native CPU kernels: built at first use, cached on disk, called through ctypes.
+
+One library from two sources: native.c, the decode kernels this module calls (below), and grouped.c,
+the many-token kernels of the grouped path (called by grouped.py).
 
 Decode (T <= 16 tokens) on CPU is bound by reading weights, and the torch path pays a fixed cost per
 call on top (a host-side plan, a zeroed buffer, one torch call per run of groups, the gate multiply).
@@ -8,7 +11,7 @@ gates and residual, with fp32 accumulation over fp32 or bf16 weights, threads ov
 
 Build: `cc -O3 -march=native -fopenmp -ffp-contract=off -shared` (about a second: plain C, no torch
 headers), once per machine, into `$MOHDIFY_CACHE` (default `~/.cache/mohdify`) under a key of the
-source, the flags, the compiler and the CPU; later processes load the cached library. Where no C
+sources, the flags, the compiler and the CPU; later processes load the cached library. Where no C
 compiler exists or the build fails, `library()` warns once and returns None, and the kernels run the
 torch path (same numbers up to fp32 summation order). `MOHDIFY_NATIVE=0` turns it off without a
 warning.
@@ -128,10 +131,11 @@ def library() -> Optional[ctypes.CDLL]:
             try:
                 lib = _load(_build(cc))
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-                why = f"building {SOURCE.name} failed: {err}"
+                why = f"building {' + '.join(src.name for src in SOURCES)} failed: {err}"
         if lib is None and why != "MOHDIFY_NATIVE=0":
-            warnings.warn(f"mohdify: the native CPU decode kernels are not available ({why}); the MoHD ops run "
-                          "their torch path on CPU (same results, slower decode). MOHDIFY_NATIVE=0 silences this.",
+            warnings.warn(f"mohdify: the native CPU kernels (decode, and many tokens) are not available ({why}); the "
+                          "MoHD ops run their torch path on CPU (same results up to fp32 summation order, slower "
+                          "decode and training). MOHDIFY_NATIVE=0 silences this.",
                           RuntimeWarning, stacklevel=2)
         _state.update(lib=lib, why=why)
         global LOADED
