@@ -5,7 +5,8 @@ Front-ends (the list `FRONTENDS`) are tried in order, each only if the previous 
   1. `torch.export.export(strict=False)` of the whole model;
   2. dynamo: the graphs torch.compile hands to a collecting backend (graph breaks leave several);
   3. `torch.export` block by block: each child of the model's largest ModuleList of repeated
-     blocks, with the inputs it received in an eager forward.
+     blocks, with the inputs it received in an eager forward;
+  4. the ops of one eager run recorded with real values (passes/capture_real.py).
 Each CapturedGraph carries `params` (placeholder name -> parameter's qualified name), and its
 nodes' nn_module_stack names modules by qualified name (dynamo's source paths are replaced via
 id(module), its stack key; `module_path` normalises the remaining spellings). A dynamo graph that
