@@ -359,7 +359,7 @@ def train(args: argparse.Namespace) -> dict:
         "seed": args.seed, "steps": args.steps, "tokens": args.steps * tokens_per_step, "data": data_info,
         "final_val_bpb": round(val_bpb, 5), "best_val_bpb": min(h["val_bpb"] for h in history if "val_bpb" in h),
         "final_train_bpb_ema": history[-1]["train_bpb_ema"], "wall_s": round(wall, 1),
-        "cpu_s": None if state["cpu"] is None else round(time.process_time() - c0, 1),
+        "cpu_s": None if state["cpu"] is None else round(time.process_time() - c0, 3),
         "tokens_per_s": round(args.steps * tokens_per_step / max(wall, 1e-9), 1),
         "routing": routing_health(model, loads, history, cfg), "history": history,
         **run_provenance(state["provenance"]),
