@@ -20,8 +20,8 @@
    count. Products accumulate in fp32 with FMA where the CPU has it (results equal torch's up to the
    order of the fp32 sums).
 
-   Tiles: MR tokens (or weight rows) by two vectors of columns; a tile short of MR rows repeats its
-   first row and stores only its own rows. Shape legend: T tokens, G group size. */
+   Tiles: MRA tokens (acc), MR tokens by MR weight rows (dot) or MR weight rows (wgrad), by two vectors of
+   columns (acc, wgrad); a tile short of its rows repeats its first row and stores only its own rows. Shape legend: T tokens, G group size. */
 
 #include <stdint.h>
 #ifdef __FMA__

@@ -62,7 +62,8 @@ def _setup_context(ctx, inputs, output):
     ctx.has_fusion = fusion is not None
     ctx.residual_dtype = residual.dtype
     # fp32 without fusion: the backward reads the write (gates * z) as output - residual, so the gates'
-    # gradient needs no second matmul (as `write` reads its output). Both tensors are the hidden states
+    # gradient needs no second matmul (as `write` reads its output); the difference is taken only when
+    # the gates need a gradient (the CPU kernel reads it only then). Both tensors are the hidden states
     # before and after the branch, which the model keeps for its own backward anyway. bf16 / fp16 would
     # lose the write to cancellation against a large residual: they run the matmul.
     ctx.from_out = fusion is None and u.dtype == residual.dtype == torch.float32
@@ -76,7 +77,7 @@ def _backward(ctx, grad):
     u, weight, bias, gates, fusion, output, residual = ctx.saved_tensors
     grads = write_backward(grad.to(u.dtype), u, weight, bias if ctx.has_bias else None, gates,
                            fusion if ctx.has_fusion else None, ctx.needs_input_grad[3],
-                           output - residual if ctx.from_out else None)
+                           output - residual if ctx.from_out and ctx.needs_input_grad[3] else None)
     return (*grads, grad.to(ctx.residual_dtype))
 
 
