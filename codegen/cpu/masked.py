@@ -18,7 +18,8 @@ of the reference. Under torch.compile (backend "mohd" or inductor) dynamo traces
 inductor fuses the masks and gates into their neighbours (the decision is taken at trace time, from
 the token count, which dynamo guards); under torch.export the modules keep the custom ops (an
 exported graph names its MoHD ops). `PATHS` (backward.py) counts "read:masked" and "write:masked"
-per eager call (under torch.compile, once per trace).
+per eager call only: under torch.compile the count is skipped, since dynamo would guard on the
+counter's value and so recompile at every call.
 
 Shape legend: T = tokens, D = hidden size = N * G, N = groups, G = group size, O / I = reader
 out_features / writer in_features.
@@ -70,7 +71,8 @@ def expand_groups_mm(per_group: Tensor, group_size: int, dtype: torch.dtype) -> 
 
 def read_masked(xm: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optional[Tensor]) -> Tensor:
     """`read_naive` on the masked input `xm` `[T, D]` (made once per branch application): `[T, O]`."""
-    PATHS["read:masked"] += 1
+    if not torch.compiler.is_compiling():   # a traced count is a guarded side effect: a recompile per call
+        PATHS["read:masked"] += 1
     if alpha is None:
         return F.linear(xm, weight, bias)                                     # [T, O]
     y = F.linear(xm, weight) * alpha[:, None].to(xm.dtype)                    # [T, O]
@@ -79,7 +81,8 @@ def read_masked(xm: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optio
 
 def write_masked(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor]) -> Tensor:
     """`write_naive` with the gates expanded to `[T, D]` (a plain multiply): `[T, I]` -> `[T, D]`."""
-    PATHS["write:masked"] += 1
+    if not torch.compiler.is_compiling():
+        PATHS["write:masked"] += 1
     num_tokens, num_groups = gates.shape                                      # T, N
     z = F.linear(u, weight, bias)                                             # [T, D]
     group_size = z.shape[1] // num_groups                                     # G
