@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from mohdify.codegen import read as read_op
 from mohdify.codegen import write as write_op
-from mohdify.codegen.cpu.masked import expand_groups_mm, masked_pays, read_masked, write_masked
+from mohdify.codegen.cpu.masked import masked_pays, read_masked, times_groups, write_masked
 
 from .config import MoHDConfig
 from .routers import router_kind
@@ -133,7 +133,7 @@ class MoHDBranch(nn.Module):
         routing = self.route(x2)
         xm = None
         if masked_pays(x2, self.group_size, self.config.density):
-            xm = x2 * expand_groups_mm(routing.mask, self.group_size, x2.dtype)  # [T, D]
+            xm = times_groups(x2, routing.mask)                            # [T, D]
         slots[id(self)] = (x, x2, routing, xm)
         return x2, routing, xm
 

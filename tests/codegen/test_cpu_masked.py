@@ -18,7 +18,7 @@ import mohdify.modules as modules
 from mohdify.codegen import read_naive, write_naive
 from mohdify.codegen.cpu import native
 from mohdify.codegen.cpu.backward import PATHS
-from mohdify.codegen.cpu.masked import expand_groups_mm, masked_pays
+from mohdify.codegen.cpu.masked import masked_pays, times_groups
 
 
 def _model(groups: int, shared: int, top_k: int, scaling: str, fusion: str) -> torch.nn.Module:
@@ -74,11 +74,13 @@ def test_masked_pays_follows_the_crossover_table(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_expand_groups_mm_is_exact(dtype):
+def test_times_groups_is_exact(dtype):
+    x = torch.randn(37, 15, dtype=dtype)
     gates = torch.rand(37, 5, dtype=dtype) * (torch.rand(37, 5) < 0.5)
-    assert torch.equal(expand_groups_mm(gates, 3, dtype), gates.repeat_interleave(3, dim=1))
+    assert torch.equal(times_groups(x, gates), x * gates.repeat_interleave(3, dim=1))
     mask = torch.rand(37, 5) < 0.5
-    assert torch.equal(expand_groups_mm(mask, 3, dtype), mask.repeat_interleave(3, dim=1).to(dtype))
+    assert torch.equal(times_groups(x, mask), x * mask.repeat_interleave(3, dim=1).to(dtype))
+    assert times_groups(x[:0], mask[:0]).shape == (0, 15)
 
 
 # (groups, shared, top_k): G 8 and the odd G 3; scaling and fusion both ways
