@@ -289,7 +289,7 @@ class _Bound(nn.Module):
 
 
 def _name_mohd_nodes(gm: fx.GraphModule, model: nn.Module, prefix: str) -> list[tuple[str, str, str]]:
-    """Name each MoHD op node after its layer (read, write) or branch (route); returns
+    """Name each MoHD op node after its layer (read, write) or branch (route, route_gates); returns
     (kind, layer or branch, branch) per MoHD node in graph order."""
     from mohdify.passes.analyze import innermost_module
     from mohdify.passes.targets import mohd_op_kind, mohd_op_nodes

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mohdify.codegen import route as route_op
+from mohdify.codegen.cpu import routing as native_routing
 
 from .routers import router_kind
 
@@ -52,10 +53,18 @@ def activation_scale(x: Tensor, mask: Tensor, scaling: str, density: float, grou
 
 def balance_loss(probs: Tensor, topk: Tensor) -> Tensor:
     """N_r * sum_i f_i P_i: f_i = share of tokens routed to i, P_i = mean probability of i."""
+    return _balance(probs, _routed_share(probs, topk))
+
+
+def _routed_share(probs: Tensor, topk: Tensor) -> Tensor:
+    """f_i `[N_r]`: the share of the tokens whose top-k `[T, k]` holds routed column i."""
+    return torch.zeros_like(probs).scatter(1, topk, 1.0).mean(0)
+
+
+def _balance(probs: Tensor, share: Tensor) -> Tensor:
     if probs.shape[0] == 0:
         return probs.sum() * 0.0                                              # no tokens: no imbalance
-    chosen = torch.zeros_like(probs).scatter(1, topk, 1.0)                    # [T, N_r]
-    return probs.shape[1] * (chosen.mean(0) * probs.mean(0)).sum()
+    return probs.shape[1] * (share * probs.mean(0)).sum()
 
 
 def route_tokens(x: Tensor, kind: str, router: Optional[Tensor], shared_idx: Tensor, routed_idx: Tensor,
@@ -73,19 +82,26 @@ def route_tokens(x: Tensor, kind: str, router: Optional[Tensor], shared_idx: Ten
     scores_of = router_kind(kind).scores
     group_size = x.shape[1] // (shared_idx.shape[0] + routed_idx.shape[0])   # G
     scores, probs = scores_of(x, router, group_size, routed_idx)             # [T, N_r], [T, N_r] or None
-    mask, topk = route_op(scores.detach(), shared_idx, routed_idx, top_k)    # [T, N], [T, k]
-    gates = mask.to(x.dtype)                                                 # [T, N]
+    share = None                                                             # [N_r] f_i, for the balance loss
+    if probs is not None and scores is probs and native_routing.takes(probs, top_k):
+        # many tokens on CPU: top-k, gates and counts in one native pass (codegen/cpu/routing.py)
+        mask, gates, counts, _ = native_routing.route_gates(probs, shared_idx, routed_idx, top_k)
+        gates = gates.to(x.dtype)                                            # [T, N]
+        share = counts / probs.shape[0]                                      # [N_r]
+    else:
+        mask, topk = route_op(scores.detach(), shared_idx, routed_idx, top_k)    # [T, N], [T, k]
+        gates = mask.to(x.dtype)                                             # [T, N]
+        if probs is not None:
+            chosen = probs.gather(1, topk)                                   # [T, k]
+            g = top_k * chosen / chosen.sum(-1, keepdim=True)                # [T, k]
+            gates = gates.scatter(1, routed_idx[topk], g.to(x.dtype))        # [T, N]
+            share = _routed_share(probs, topk)
     loss = None
-    if probs is not None:
-        chosen = probs.gather(1, topk)                                       # [T, k]
-        g = top_k * chosen / chosen.sum(-1, keepdim=True)                    # [T, k]
-        gates = gates.scatter(1, routed_idx[topk], g.to(x.dtype))            # [T, N]
-        if balance and not probs.requires_grad and router is not None and router.requires_grad:
+    if probs is not None and balance:
+        if not probs.requires_grad and router is not None and router.requires_grad:
             with torch.enable_grad():
                 _, probs = scores_of(x.detach(), router, group_size, routed_idx)   # [T, N_r]
-                loss = balance_loss(probs, topk)
-        elif balance:
-            loss = balance_loss(probs, topk)
+        loss = _balance(probs, share)
     return Routing(mask, activation_scale(x, mask, scaling, density, group_size), gates, loss)
 
 

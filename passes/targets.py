@@ -36,8 +36,11 @@ MOHD_OPS = {
     "write": torch.ops.mohdify.write,
     "write_add": torch.ops.mohdify.write_add,
 }
+# the native many-token routing (codegen/cpu/routing.py) is a branch's route too
+_ROUTE_GATES = torch.ops.mohdify.route_gates
 _KINDS = {**{packet: kind for kind, packet in MOHD_OPS.items()},
-          **{packet.default: kind for kind, packet in MOHD_OPS.items()}}
+          **{packet.default: kind for kind, packet in MOHD_OPS.items()},
+          _ROUTE_GATES: "route", _ROUTE_GATES.default: "route"}
 
 # the linear calls the backend's rewrite replaces (dynamo graphs)
 LINEAR_FNS = (torch._C._nn.linear, F.linear)    # (input, weight, bias), weight [O, I]

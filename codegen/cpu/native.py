@@ -45,7 +45,8 @@ from .plan import DECODE_MAX_TOKENS
 __all__ = ["library", "read", "write", "calls", "reset", "DTYPES", "MAX_TOKENS"]
 
 SOURCE = Path(__file__).with_name("native.c")
-SOURCES = (SOURCE, Path(__file__).with_name("grouped.c"))   # one library: decode + many-token (grouped.py)
+# one library: decode, many-token (grouped.py), many-token routing (routing.py)
+SOURCES = (SOURCE, Path(__file__).with_name("grouped.c"), Path(__file__).with_name("routing.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 MAX_WEIGHTS = 16                      # weights one read call takes (native.c)
@@ -112,6 +113,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.mohd_gs_dot.restype = i32
     lib.mohd_gs_plan.argtypes = [i64, i64, p, i64, p, p, p, p]
     lib.mohd_gs_plan.restype = i64
+    lib.mohd_route_gates.argtypes = [i64, i64, i64, i64, p, p, p, p, p, p, p]   # routing.c (routing.py)
+    lib.mohd_route_gates.restype = i32
+    lib.mohd_route_gates_bw.argtypes = [i64, i64, i64, i64, p, p, p, p, p, p]
+    lib.mohd_route_gates_bw.restype = i32
     return lib
 
 

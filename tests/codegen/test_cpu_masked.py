@@ -17,6 +17,7 @@ import mohdify
 import mohdify.modules as modules
 from mohdify.codegen import read_naive, write_naive
 from mohdify.codegen.cpu import native
+from mohdify.codegen.cpu import routing as native_routing
 from mohdify.codegen.cpu.backward import PATHS
 from mohdify.codegen.cpu.masked import masked_pays, times_groups
 
@@ -147,10 +148,11 @@ def test_few_tokens_keep_the_kernels(batch, seq):
 
 
 def test_compiled_training_traces_the_masked_path_and_agrees(fresh_dynamo):
-    """torch.compile(backend="mohd"): the graph holds the route op and plain linears (no read / write
-    op, so no kernel runs forward or backward), equals eager, and compiles once: the eager path counter
-    (PATHS) is not touched while tracing, so its value (here left as the last eager step set it) guards
-    nothing; before, every training step recompiled."""
+    """torch.compile(backend="mohd"): the graph holds the routing op (the native `route_gates` for these
+    64 tokens when the library is built) and plain linears (no read / write op, so no kernel runs forward
+    or backward), equals eager, and compiles once: the eager path counter (PATHS) is not touched while
+    tracing, so its value (here left as the last eager step set it) guards nothing; before, every
+    training step recompiled."""
     from torch._dynamo.utils import counters
     model = _model(6, 1, 2, "norm", "none")
     ids = _ids(batch=4, seq=32, seed=1)
@@ -158,6 +160,7 @@ def test_compiled_training_traces_the_masked_path_and_agrees(fresh_dynamo):
     compiled = torch.compile(model, backend="mohd", fullgraph=True)
     PATHS.clear()
     counters["mohdify"].clear()
+    routed = native_routing.calls["route_gates"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(3):
             before = dict(PATHS)
@@ -165,6 +168,8 @@ def test_compiled_training_traces_the_masked_path_and_agrees(fresh_dynamo):
             assert PATHS == before, f"step {step}: {dict(PATHS)}"              # no kernel ran, nothing counted
             PATHS["read:masked"] += 1                                      # an eager caller's count between steps
     assert counters["mohdify"]["mohdified_graphs"] == 1 and counters["mohdify"]["read_multi"] == 0, counters["mohdify"]
+    if native.library() is not None:
+        assert native_routing.calls["route_gates"] == routed + 3 * 4, native_routing.calls   # 3 steps, 4 branches
     torch.testing.assert_close(logits_c, logits, rtol=1e-5, atol=1e-5)
     for name, g in grads.items():
         torch.testing.assert_close(grads_c[f"_orig_mod.{name}"], g, rtol=1e-4, atol=1e-6, msg=f"compiled grad {name}")
