@@ -101,7 +101,9 @@ def route_tokens(x: Tensor, kind: str, router: Optional[Tensor], shared_idx: Ten
         if not probs.requires_grad and router is not None and router.requires_grad:
             with torch.enable_grad():
                 _, probs = scores_of(x.detach(), router, group_size, routed_idx)   # [T, N_r]
-        loss = _balance(probs, share)
+                loss = _balance(probs, share)
+        else:
+            loss = _balance(probs, share)
     return Routing(mask, activation_scale(x, mask, scaling, density, group_size), gates, loss)
 
 

@@ -204,18 +204,24 @@ def test_balance_loss_with_gradient_accumulation():
     assert losses == pytest.approx(expected, rel=1e-6)
 
 
-def test_reentrant_checkpoint_of_a_plain_block():
+@pytest.mark.parametrize("seq", [7, 20])   # 14 tokens: the route op; 40: the native routing when built
+def test_reentrant_checkpoint_of_a_plain_block(seq):
+    from mohdify.codegen.cpu import native
+    from mohdify.codegen.cpu import routing as native_routing
     model, inputs = ZOO["nanogpt"].build()
     mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1), example_inputs=inputs)
     randomize_branches(model, seed=1, permute_groups=False)
     model.train()
     block = model.h[0]
-    x = torch.randn(2, 7, ZOO["nanogpt"].hidden_size, requires_grad=True)
+    x = torch.randn(2, seq, ZOO["nanogpt"].hidden_size, requires_grad=True)
+    calls = native_routing.calls["route_gates"]
     y = ckpt.checkpoint(block, x, use_reentrant=True)
     aux = mohdify.aux_loss(model)
     assert aux.requires_grad and aux.item() > 0
     (y.sum() + aux).backward()
     assert all(b.router.grad is not None for b in mohdify.branches(model) if b.name.startswith("h.0."))
+    if seq == 20 and native.library() is not None:
+        assert native_routing.calls["route_gates"] > calls
 
 
 # ------------------------------------------------------------------------ 6. empty batches
