@@ -45,10 +45,11 @@ def _reference(probs, shared_idx, routed_idx, top_k):
     return mask, gates, counts, topk
 
 
-@given(st.integers(1, 300), st.integers(1, 40), st.integers(0, 5), st.integers(1, 40), st.booleans(),
+@given(st.integers(0, 300), st.integers(1, 40), st.integers(0, 5), st.integers(1, 40), st.booleans(),
        st.integers(0, 2**16))
 @example(2048, 12, 4, 4, False, 3)        # the train_lm / benchmark shape
 @example(50, 1, 0, 1, True, 0)            # one routed group, no shared one
+@example(0, 12, 4, 4, False, 0)           # no tokens
 def test_route_gates_matches_the_reference(tokens, routed, shared, top_k, special, seed):
     top_k = min(top_k, routed)
     gen = torch.Generator().manual_seed(seed)
@@ -132,7 +133,7 @@ def test_where_it_is_not_taken(monkeypatch):
     probs = torch.softmax(torch.randn(300, 12), -1)
     assert native_routing.takes(probs, 4)
     assert not native_routing.takes(probs[:16], 4)                            # decode-sized: the graph's own code
-    assert not native_routing.takes(probs.double(), 4)
+    assert not native_routing.takes(probs.double(), 4) and not native_routing.takes(probs.bfloat16(), 4)
     assert not native_routing.takes(probs, 13)
     assert not native_routing.takes(torch.softmax(torch.randn(300, 1025), -1), 4)
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
