@@ -82,12 +82,11 @@ def route_tokens(x: Tensor, kind: str, router: Optional[Tensor], shared_idx: Ten
     scores_of = router_kind(kind).scores
     group_size = x.shape[1] // (shared_idx.shape[0] + routed_idx.shape[0])   # G
     scores, probs = scores_of(x, router, group_size, routed_idx)             # [T, N_r], [T, N_r] or None
-    share = None                                                             # [N_r] f_i, for the balance loss
+    counts, topk = None, None                                                # [N_r] tokens per routed group, [T, k]
     if probs is not None and scores is probs and native_routing.takes(probs, top_k):
         # many tokens on CPU: top-k, gates and counts in one native pass (codegen/cpu/routing.py)
         mask, gates, counts, _ = native_routing.route_gates(probs, shared_idx, routed_idx, top_k)
         gates = gates.to(x.dtype)                                            # [T, N]
-        share = counts / probs.shape[0]                                      # [N_r]
     else:
         mask, topk = route_op(scores.detach(), shared_idx, routed_idx, top_k)    # [T, N], [T, k]
         gates = mask.to(x.dtype)                                             # [T, N]
@@ -95,9 +94,9 @@ def route_tokens(x: Tensor, kind: str, router: Optional[Tensor], shared_idx: Ten
             chosen = probs.gather(1, topk)                                   # [T, k]
             g = top_k * chosen / chosen.sum(-1, keepdim=True)                # [T, k]
             gates = gates.scatter(1, routed_idx[topk], g.to(x.dtype))        # [T, N]
-            share = _routed_share(probs, topk)
     loss = None
     if probs is not None and balance:
+        share = _routed_share(probs, topk) if counts is None else counts / probs.shape[0]   # [N_r] f_i
         if not probs.requires_grad and router is not None and router.requires_grad:
             with torch.enable_grad():
                 _, probs = scores_of(x.detach(), router, group_size, routed_idx)   # [T, N_r]
