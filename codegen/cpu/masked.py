@@ -80,7 +80,7 @@ def read_masked(xm: Tensor, weight: Tensor, bias: Optional[Tensor], alpha: Optio
 
 
 def write_masked(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tensor, fusion: Optional[Tensor]) -> Tensor:
-    """`write_naive` with the gates expanded to `[T, D]` (a plain multiply): `[T, I]` -> `[T, D]`."""
+    """`write_naive` with the gates spread over their groups (`times_groups`): `[T, I]` -> `[T, D]`."""
     if not torch.compiler.is_compiling():
         PATHS["write:masked"] += 1
     num_tokens, num_groups = gates.shape                                      # T, N
@@ -88,6 +88,6 @@ def write_masked(u: Tensor, weight: Tensor, bias: Optional[Tensor], gates: Tenso
     zg = times_groups(z, gates)                                               # [T, D]
     if fusion is None:
         return zg
-    zg3 = zg.view(num_tokens, num_groups, z.shape[1] // num_groups)                      # [T, N, G]
+    zg3 = zg.view(num_tokens, num_groups, z.shape[1] // num_groups)           # [T, N, G]
     mixed = torch.einsum("ij,tjg->tig", fusion.to(z.dtype), zg3)              # [T, N, G]
     return mixed.reshape(num_tokens, z.shape[1])                              # [T, D]
