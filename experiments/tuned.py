@@ -31,6 +31,7 @@ class Model:
     args: tuple = ()                          # train_lm arguments besides steps, lr, seed
     steps: int = 2000
     lr_from: tuple[str, str] | None = None    # (exp, prefix) whose best rate this model uses (no sweep)
+    first: tuple | None = None                # its first rates, when not FIRST (the runner's --lrs)
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -39,7 +40,9 @@ MODELS = (
     Model("r1-tuned", "mohd-d128-delta0.5", MOHD),
     Model("r1-tuned", "dense-d64", ("--hidden", "64")),
     Model("r2-controlled", "dense-d256", ("--hidden", "256")),
-    Model("r2-controlled", "mohd-d256-x2-delta0.5", MOHD + ("--expand", "2")),
+    # started from two rates (runner --lrs 0.0015 0.003): after them its best sat at the lower edge, so the
+    # sweep went down (7.5e-4) and 6e-3 was not run
+    Model("r2-controlled", "mohd-d256-x2-delta0.5", MOHD + ("--expand", "2"), first=(1.5e-3, 3e-3)),
     *(Model("r3-tuned", name, args, 1000, ("r1-tuned", "mohd-d128-delta0.5")) for name, args in (
         ("baseline", MOHD),
         ("groups32-shared8-top8", ("--mohd", "--groups", "32", "--shared", "8", "--top-k", "8")),
@@ -62,7 +65,7 @@ def sweep_state(results: Path, m: Model, done=None, first=FIRST) -> tuple[dict, 
     rates to run next). `done(exp, name)` -> metrics dict or None; default: read <results>/<exp>/<name>.json."""
     done = done or (lambda exp, name: _read(results / exp / f"{name}.json"))
     tried = {lr: r["final_val_bpb"] for lr in LADDER if (r := done(m.exp, run_name(m.prefix, lr, 0))) is not None}
-    todo = [lr for lr in first if lr not in tried]
+    todo = [lr for lr in (m.first or first) if lr not in tried]
     if todo:
         return tried, None, todo
     best = min(tried, key=tried.get)

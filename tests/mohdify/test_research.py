@@ -392,6 +392,13 @@ def test_tuned_sweep_brackets_the_best_rate_then_runs_seeds(tmp_path):
         vals[("r1-tuned", tuned.run_name("mohd-d128-delta0.5", lr, 0))] = {"final_val_bpb": v}
     r3 = tuned.wanted(tmp_path, done, only=["r3-tuned"])
     assert len(r3) == 12 and r3[0][1] == "baseline-lr0.003-s0" and r3[0][3] == 1000
+    # a model with its own first rates (R2's MoHD model: 1.5e-3 and 3e-3) goes down from them, without 6e-3
+    x2 = tuned.model("r2-controlled", "mohd-d256-x2-delta0.5")
+    for lr, v in ((1.5e-3, 1.70), (3e-3, 1.73)):
+        vals[("r2-controlled", tuned.run_name(x2.prefix, lr, 0))] = {"final_val_bpb": v}
+    assert tuned.sweep_state(tmp_path, x2, done)[1:] == (None, [7.5e-4])
+    vals[("r2-controlled", tuned.run_name(x2.prefix, 7.5e-4, 0))] = {"final_val_bpb": 1.72}
+    assert tuned.sweep_state(tmp_path, x2, done)[1:] == (1.5e-3, [])
 
 
 def test_claims_are_pending_until_every_seed_at_the_best_rate_exists(tmp_path):
