@@ -19,10 +19,17 @@ from typing import NoReturn, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["ContractError", "FLOAT_DTYPES", "check_read", "check_read_multi", "check_read_lists",
+__all__ = ["ContractError", "FLOAT_DTYPES", "transformed", "check_read", "check_read_multi", "check_read_lists",
            "check_read_backward", "check_write", "check_write_backward"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def transformed(t: Tensor) -> bool:
+    """Whether `t` is inside a torch.func transform (grad, vjp, vmap, ...). The kernel ops carry autograd
+    formulas registered with torch.library, which torch refuses under these transforms, so the modules
+    run the pure-torch references there (same math) and the native routing is not taken."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class ContractError(ValueError):

@@ -27,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from mohdify.codegen import read as read_op
+from mohdify.codegen import read_naive, write_naive
 from mohdify.codegen import write as write_op
+from mohdify.codegen.contracts import transformed
 from mohdify.codegen.cpu.masked import masked_pays, read_masked, times_groups, write_masked
 
 from .config import MoHDConfig
@@ -189,6 +191,8 @@ class MoHDReader(MoHDLinear):
         weight = self.linear_weight()
         if xm is not None and weight.dtype == xm.dtype:
             y = read_masked(xm, weight, self.bias, routing.scale)             # [T, O]
+        elif transformed(x2):                                                 # torch.func: the reference
+            y = read_naive(x2, weight, self.bias, routing.mask, routing.scale)
         else:
             y = read_op(x2, weight, self.bias, routing.mask, routing.scale)   # [T, O]
         return y.view(*lead, self.out_features)
@@ -209,6 +213,8 @@ class MoHDWriter(MoHDLinear):
         weight, fusion = self.linear_weight(), self.branch.fusion
         if masked and weight.dtype == u2.dtype:
             o = write_masked(u2, weight, self.bias, gates, fusion)            # [T, D]
+        elif transformed(u2):                                                 # torch.func: the reference
+            o = write_naive(u2, weight, self.bias, gates, fusion)
         else:
             o = write_op(u2, weight, self.bias, gates, fusion)                # [T, D]
         return o.view(*lead, self.out_features)

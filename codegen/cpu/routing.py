@@ -10,7 +10,7 @@ gradient. The op is opaque to torch.compile (a custom op), so the compiled graph
 
 `takes(probs, ...)` decides: CPU, fp32, more tokens than a decode call (decode keeps the graph's own
 routing code, whose per-call cost is lower there), not exporting (an exported graph keeps
-`mohdify::route`), the library loaded, N_r <= 1024.
+`mohdify::route`), not inside a torch.func transform, the library loaded, N_r <= 1024.
 
 Shape legend: T = tokens, N = groups, N_s / N_r = shared / routed groups, k = top_k.
 """
@@ -22,6 +22,7 @@ from collections import Counter
 import torch
 from torch import Tensor
 
+from ..contracts import transformed
 from . import native
 from .plan import DECODE_MAX_TOKENS
 
@@ -37,7 +38,7 @@ def takes(probs: Tensor, top_k: int) -> bool:
         return False
     if probs.shape[0] <= DECODE_MAX_TOKENS or not 0 < top_k <= probs.shape[1] <= MAX_ROUTED:
         return False
-    if torch.compiler.is_exporting():
+    if torch.compiler.is_exporting() or transformed(probs):
         return False
     if torch.compiler.is_compiling():
         return native.LOADED
