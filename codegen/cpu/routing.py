@@ -29,7 +29,7 @@ from .plan import DECODE_MAX_TOKENS
 __all__ = ["takes", "route_gates", "calls", "MAX_ROUTED"]
 
 MAX_ROUTED = 1024          # routing.c
-calls: Counter = Counter()  # "route_gates" / "route_gates_backward": native calls made (eager)
+calls: Counter = Counter()  # "route_gates" / "route_gates_backward": native calls made
 
 
 def takes(probs: Tensor, top_k: int) -> bool:
