@@ -28,7 +28,10 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def transformed(t: Tensor) -> bool:
     """Whether `t` is inside a torch.func transform (grad, vjp, vmap, ...). The kernel ops carry autograd
     formulas registered with torch.library, which torch refuses under these transforms, so the modules
-    run the pure-torch references there (same math) and the native routing is not taken."""
+    run the pure-torch references there (same math) and the native routing is not taken. False while
+    torch.compile traces (dynamo cannot call the check; it traces torch.func transforms itself)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
