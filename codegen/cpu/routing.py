@@ -45,6 +45,13 @@ def takes(probs: Tensor, top_k: int) -> bool:
     return native.library() is not None
 
 
+def _check(status: int, op: str, num_routed: int, top_k: int) -> None:
+    """routing.c returns 1 for a routed-group count or top_k out of range."""
+    if status != 0:
+        raise ValueError(f"mohdify::{op}: {num_routed} routed groups and top_k {top_k}: required "
+                         f"1 <= top_k <= routed groups <= {MAX_ROUTED}")
+
+
 @torch.library.custom_op("mohdify::route_gates", mutates_args=())
 def route_gates(probs: Tensor, shared_idx: Tensor, routed_idx: Tensor, top_k: int
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -61,9 +68,7 @@ def route_gates(probs: Tensor, shared_idx: Tensor, routed_idx: Tensor, top_k: in
     status = native.library().mohd_route_gates(num_tokens, num_routed, shared_idx.numel(), top_k, probs.data_ptr(),
                                                shared_idx.data_ptr(), routed_idx.data_ptr(), mask.data_ptr(),
                                                gates.data_ptr(), counts.data_ptr(), sums.data_ptr())
-    if status != 0:
-        raise ValueError(f"mohdify::route_gates: {num_routed} routed groups and top_k {top_k}: required "
-                         f"1 <= top_k <= routed groups <= {MAX_ROUTED}")
+    _check(status, "route_gates", num_routed, top_k)
     calls["route_gates"] += 1
     return mask, gates, counts, sums
 
@@ -87,9 +92,7 @@ def route_gates_backward(mask: Tensor, gates: Tensor, sums: Tensor, grad_gates: 
                                                   mask.data_ptr(), gates.data_ptr(), sums.data_ptr(),
                                                   grad_gates.data_ptr(), routed_idx.contiguous().data_ptr(),
                                                   grad_probs.data_ptr())
-    if status != 0:
-        raise ValueError(f"mohdify::route_gates_backward: {num_routed} routed groups and top_k {top_k}: required "
-                         f"1 <= top_k <= routed groups <= {MAX_ROUTED}")
+    _check(status, "route_gates_backward", num_routed, top_k)
     calls["route_gates_backward"] += 1
     return grad_probs
 
