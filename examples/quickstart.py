@@ -45,6 +45,7 @@ def main() -> None:
                             do_sample=False, pad_token_id=0)
     print("generated (dense) :", dense_tokens[0, prompt.shape[1]:].tolist())
     print("generated (MoHD)  :", tokens[0, prompt.shape[1]:].tolist())
+    model.train()                                       # training mode: MoHD keeps the balance loss
     loss = model(input_ids=prompt, labels=prompt).loss + mohdify.aux_loss(model)   # a training step's loss
     loss.backward()
     routers = [b.router.grad.abs().sum().item() for b in mohdify.branches(model)]

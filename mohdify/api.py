@@ -138,12 +138,12 @@ def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_in
 @contextlib.contextmanager
 def _balance_logs_kept(model: nn.Module):
     """Passes run inside leave the branches' balance logs as they were (mohdify's own passes)."""
-    kept = {b: list(b.balance_log.items) for b in mohd_branches(model)}
+    kept = {b: (b.balance_log.total, b.balance_log.count) for b in mohd_branches(model)}
     try:
         yield
     finally:
-        for b, items in kept.items():
-            b.balance_log.items = items
+        for b, (total, count) in kept.items():
+            b.balance_log.total, b.balance_log.count = total, count
 
 
 @contextlib.contextmanager
@@ -215,11 +215,11 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     Per branch application: N_r * sum_i f_i P_i (f_i: share of tokens routed to group i, P_i: mean
     router probability of i). The rule:
 
-    - An application keeps its loss when its router requires grad and autograd is on or the model is
-      in training mode (`model.train()`), outside `torch.inference_mode` and outside a backward pass.
-      So inference in eval mode (under `torch.no_grad()`, `generate`) keeps nothing and holds no
-      graph; a no-grad pass in training mode keeps its loss (reentrant checkpointing's forward is
-      one), so sample and validate in eval mode.
+    - An application keeps its loss when its router requires grad and the model is in training mode
+      (`model.train()`), outside `torch.inference_mode` and outside a backward pass. So passes in eval
+      mode keep nothing and hold no graph, with autograd on too (input gradients, attribution); a
+      no-grad pass in training mode keeps its loss (reentrant checkpointing's forward is one), so
+      sample and validate in eval mode.
     - `aux_loss(model)` returns the sum over branches and over all the applications kept since the
       last call, and forgets them: two forwards before one backward, a block applied several times,
       gradient accumulation (call it once per micro-batch) each count every application once.
@@ -228,7 +228,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
       the recomputation during backward keeps nothing.
 
     Returns 0 for magnitude-routed models, and when nothing was kept (with a warning for a learned
-    router in eval mode: its no-grad passes keep nothing).
+    router in eval mode: its passes keep nothing).
     """
     _check_model(model, "aux_loss")
     found = mohd_branches(model)
@@ -237,16 +237,17 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
                                     "first.")
     total = None
     for b in found:
-        for loss in b.balance_log.take():
-            term = b.config.aux_loss_coef * loss
+        kept = b.balance_log.take()
+        if kept is not None:
+            term = b.config.aux_loss_coef * kept
             total = term if total is None else total + term
     if total is not None:
         return total
     learned = [b for b in found if router_kind(b.config.router).has_balance_loss]
     if learned and not any(b.training for b in learned):
         warnings.warn("aux_loss: no routed pass kept a balance loss since the last call; the model is in eval "
-                      "mode, where passes without autograd (torch.no_grad) keep none. Train with model.train() "
-                      "or with autograd on.", stacklevel=2)
+                      "mode, where passes keep none (with autograd on too). Train with model.train().",
+                      stacklevel=2)
     return torch.zeros((), device=found[0].shared_idx.device)
 
 

@@ -8,7 +8,7 @@ Routing is one value per branch application (`mohdify.routing.Routing`): the fir
 application computes it with `MoHDBranch.route`, the other readers of the same input reuse it and
 the writer consumes it, through a per-thread slot (`mohdify.routing.SLOTS`), never through module
 attributes. After a forward nothing computed in it stays on a module, except the balance losses
-of training-mode applications, kept until `mohdify.aux_loss` takes them (see `BalanceLog`).
+of training-mode applications, summed until `mohdify.aux_loss` takes them (see `BalanceLog`).
 
 Readers and writers call the MoHD ops, except on CPU for many tokens where the crossover table says
 dense for every op: then they run the reference's ops on a masked input made once per application
@@ -20,6 +20,7 @@ groups, k = top_k.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Optional
 
@@ -40,37 +41,56 @@ __all__ = ["MoHDBranch", "MoHDLinear", "MoHDReader", "MoHDWriter", "BalanceLog"]
 
 
 class BalanceLog:
-    """The balance losses of a branch's training-mode applications since `aux_loss` last took them.
+    """The sum of a branch's balance losses kept since `aux_loss` last took it.
 
-    Not model state: a copy (`copy.deepcopy`, pickling, `torch.save`) starts with an empty log, so
-    copies never carry a step's autograd graph. Bounded: past `limit` entries (the user never calls
-    aux_loss) the oldest are dropped, with one warning.
+    A running sum (a tensor attribute), not a list: traced by torch.compile, appending to a list made
+    dynamo guard on its length, so every forward that kept a loss before `aux_loss` took them
+    recompiled, up to the recompile limit. A tensor attribute gives two compiled variants at most
+    (nothing kept yet / something kept).
+
+    Not model state: a copy (`copy.deepcopy`, pickling, `torch.save`) starts empty, so copies never
+    carry a step's autograd graph. Bounded in eager passes: past `limit` losses never taken (the user
+    never calls aux_loss), the kept ones are dropped, with one warning. Eager adds are safe from
+    several threads.
     """
 
     def __init__(self, limit: int = 1024):
-        self.items: list[Tensor] = []
+        self.total: Optional[Tensor] = None   # the sum of the kept losses (a 0-d tensor) or None
+        self.count = 0                        # losses in `total` added by eager passes (for the bound)
         self.limit = limit
         self.warned = False
+        self._lock = threading.Lock()
 
     def add(self, loss: Tensor, name: str) -> None:
-        self.items.append(loss)
-        if len(self.items) > self.limit:
-            del self.items[0]
-            if not self.warned:
-                self.warned = True
-                warnings.warn(f"MoHD branch {name!r} has kept {self.limit} balance losses that mohdify.aux_loss() "
-                              "never took; the oldest are dropped. Add mohdify.aux_loss(model) to the training "
-                              "loss, or call model.eval() for passes that do not train.", stacklevel=3)
+        if torch.compiler.is_compiling():
+            self.total = loss if self.total is None else self.total + loss
+            return
+        with self._lock:
+            dropped = self.count >= self.limit
+            if dropped:
+                self.total, self.count = None, 0
+            self.total = loss if self.total is None else self.total + loss
+            self.count += 1
+            warn, self.warned = dropped and not self.warned, self.warned or dropped
+        if warn:
+            warnings.warn(f"MoHD branch {name!r} has kept {self.limit} balance losses that mohdify.aux_loss() "
+                          "never took; they are dropped. Add mohdify.aux_loss(model) to the training loss, or "
+                          "call model.eval() for passes that do not train.", stacklevel=4)
 
-    def take(self) -> list[Tensor]:
-        items, self.items = self.items, []
-        return items
+    def take(self) -> Optional[Tensor]:
+        """The sum kept so far (None if nothing), and the log is empty again."""
+        with self._lock:
+            total, self.total, self.count = self.total, None, 0
+        return total
 
     def __deepcopy__(self, memo) -> BalanceLog:
         return BalanceLog(self.limit)
 
     def __getstate__(self) -> dict:
-        return {"items": [], "limit": self.limit, "warned": False}
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["limit"])
 
 
 class MoHDBranch(nn.Module):
@@ -102,12 +122,14 @@ class MoHDBranch(nn.Module):
                 f"shared={c.num_shared}, top_k={c.top_k}, router={c.router}, scaling={c.scaling}, fusion={c.fusion}")
 
     def computes_balance(self) -> bool:
-        """Whether an application computes its balance loss: a learned router that requires grad, in a
-        pass with autograd on or in training mode (the no-grad forward of reentrant checkpointing),
-        outside inference mode."""
+        """Whether an application computes its balance loss: a learned router that requires grad, in
+        training mode (with autograd on, or off: the forward of reentrant checkpointing), outside
+        inference mode. Eval-mode passes keep nothing, with autograd on too (attribution, input
+        gradients): the loss is a training loss, and kept it would hold each pass's graph until
+        `aux_loss` took it."""
         if not router_kind(self.config.router).has_balance_loss or not self.router.requires_grad:
             return False
-        if not (torch.is_grad_enabled() or self.training):
+        if not self.training:
             return False
         return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
 

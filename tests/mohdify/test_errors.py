@@ -145,7 +145,12 @@ def test_aux_loss_counts_only_training_passes():
         model(*inputs)                           # inference keeps no balance loss, and says so
     with pytest.warns(UserWarning, match="the model is in eval mode"):
         assert mohdify.aux_loss(model).item() == 0.0
-    model(*inputs)                               # autograd on: kept, also in eval mode
+    model(*inputs)                               # autograd on in eval mode: nothing kept either
+    with pytest.warns(UserWarning, match="the model is in eval mode"):
+        assert mohdify.aux_loss(model).item() == 0.0
+    model.train()
+    with torch.no_grad():
+        model(*inputs)                           # training mode: kept, also without autograd
     assert mohdify.aux_loss(model).requires_grad
 
 
