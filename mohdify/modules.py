@@ -75,7 +75,7 @@ class BalanceLog:
         if warn:
             warnings.warn(f"MoHD branch {name!r} has kept {self.limit} balance losses that mohdify.aux_loss() "
                           "never took; they are dropped. Add mohdify.aux_loss(model) to the training loss, or "
-                          "call model.eval() for passes that do not train.", stacklevel=4)
+                          "call model.eval() for passes that do not train.", stacklevel=3)
 
     def take(self) -> Optional[Tensor]:
         """The sum kept so far (None if nothing), and the log is empty again."""
