@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from mohdify.codegen import route as route_op
+from mohdify.codegen import route_naive
+from mohdify.codegen.contracts import transformed
 from mohdify.codegen.cpu import routing as native_routing
 
 from .routers import router_kind
@@ -88,7 +90,10 @@ def route_tokens(x: Tensor, kind: str, router: Optional[Tensor], shared_idx: Ten
         mask, gates, counts, _ = native_routing.route_gates(probs, shared_idx, routed_idx, top_k)
         gates = gates.to(x.dtype)                                            # [T, N]
     else:
-        mask, topk = route_op(scores.detach(), shared_idx, routed_idx, top_k)    # [T, N], [T, k]
+        # inside a torch.func transform the reference (vmap has no batching rule for the op: it would
+        # loop over the batch, warning at every call)
+        route_fn = route_naive if transformed(scores) else route_op
+        mask, topk = route_fn(scores.detach(), shared_idx, routed_idx, top_k)    # [T, N], [T, k]
         gates = mask.to(x.dtype)                                             # [T, N]
         if probs is not None:
             chosen = probs.gather(1, topk)                                   # [T, k]
