@@ -164,6 +164,25 @@ def test_deepcopy_after_a_training_forward_and_nothing_left_on_modules():
 
 
 # ------------------------------------------------------------------------ 4. reloads
+def test_whole_model_pickles_after_a_training_forward(tmp_path):
+    """torch.save of the module itself (not its state dict), mid-step: the copy carries no kept loss and
+    no graph, computes what the model computes and keeps its own balance losses."""
+    model, inputs = _llama()
+    model.train()
+    model(**inputs)                                   # a kept balance loss with its graph
+    torch.save(model, tmp_path / "model.pt")
+    twin = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert all(b.balance_log.total is None and b.balance_log.count == 0 for b in mohdify.branches(twin))
+    assert all(b.balance_log.count == 1 for b in mohdify.branches(model))
+    twin.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(_logits(twin, inputs["input_ids"]), _logits(model, inputs["input_ids"]))
+    twin.train()
+    twin(**inputs)
+    assert torch.allclose(mohdify.aux_loss(twin), mohdify.aux_loss(model))
+
+
 def test_demohdify_restores_the_parameters_the_model_holds_now():
     model, inputs = _llama()
     state = {k: v.clone() + 1.0 if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
@@ -201,9 +220,8 @@ def test_balance_loss_counts_every_application():
 
 
 def test_compiled_passes_keep_their_balance_losses_without_recompiling(fresh_dynamo):
-    """Five training passes before one aux_loss (gradient accumulation with one aux_loss per step, two
-    forwards per loss): one shape compiles twice (nothing kept yet / something kept), not once per
-    pass, and keeps the eager passes' sum."""
+    """Five training passes before one aux_loss (several forwards per loss): one shape compiles twice
+    (nothing kept yet / something kept), not once per pass, and keeps the eager passes' sum."""
     from torch._dynamo.utils import counters
     model, inputs = _llama()
     model.train()
