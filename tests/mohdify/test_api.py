@@ -6,7 +6,7 @@ from zoo import ZOO
 
 import mohdify
 from mohdify.modules import MoHDBranch, MoHDReader, MoHDWriter
-from mohdify.routing import balance_loss
+from mohdify.routing import SLOTS, balance_loss
 
 CFG = mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1)   # density 0.5
 
@@ -208,6 +208,7 @@ def test_a_rewrite_that_cannot_run_is_rolled_back(monkeypatch):
     with pytest.raises(mohdify.UnsupportedModelError, match="failed on example_inputs .*injected.*restored"):
         mohdify.mohdify(model, mohdify.MoHDConfig(num_groups=4, num_shared=1, top_k=1), example_inputs=inputs)
     assert not mohdify.branches(model) and "mohd_plan" not in vars(model)
+    assert SLOTS.slots == {}        # no routing of the failed check run is left in this thread
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
 
