@@ -19,7 +19,7 @@ from .guards import check_filter_fn, mark_demohdified, warn_once
 from .modules import MoHDLinear, MoHDWriter
 from .plan import Plan, untrained_router_note
 from .routers import router_kind
-from .routing import SLOTS, Routing
+from .routing import Routing
 from .saving import check_recordable, forget_rewrite, record_rewrite
 
 __all__ = ["explain", "mohdify", "demohdify", "aux_loss", "graph", "branches", "trace_routing"]
@@ -136,27 +136,21 @@ def mohdify(model: nn.Module, config: Optional[MoHDConfig] = None, *, example_in
 
 
 @contextlib.contextmanager
-def _balance_logs_kept(model: nn.Module):
-    """Passes run inside leave the branches' balance logs as they were (mohdify's own passes)."""
+def _no_trace_left(model: nn.Module):
+    """mohdify's own passes run inside leave the branches as they were: their balance logs as before, and
+    no routing in this thread's slots if the pass raises between a branch's readers and its writer (a
+    stale slot held the failed pass's tensors, and made every graph compiled later in the thread guard
+    on one more slot than other threads have)."""
     kept = {b: (b.balance_log.total, b.balance_log.count) for b in mohd_branches(model)}
     try:
         yield
+    except BaseException:
+        for b in kept:
+            b.drop_routing()
+        raise
     finally:
         for b, (total, count) in kept.items():
             b.balance_log.total, b.balance_log.count = total, count
-
-
-@contextlib.contextmanager
-def _no_routing_left(model: nn.Module):
-    """A pass run inside that raises between a branch's readers and its writer leaves no routing in this
-    thread's slots (mohdify's own passes): a stale slot held the failed pass's tensors, and made every
-    graph compiled later in the thread guard on one more slot than other threads have."""
-    try:
-        yield
-    except BaseException:
-        for b in mohd_branches(model):
-            SLOTS.slots.pop(id(b), None)
-        raise
 
 
 @contextlib.contextmanager
@@ -196,7 +190,7 @@ def _check_runs(model: nn.Module, example_inputs: Any) -> None:
     """Run the rewritten model once on the example inputs, leaving no trace: the RNG state (dropout),
     the balance logs and the grad mode are as before."""
     args, kwargs = normalize_inputs(model, example_inputs)
-    with _no_routing_left(model), _balance_logs_kept(model), torch.random.fork_rng(), torch.no_grad():
+    with _no_trace_left(model), torch.random.fork_rng(), torch.no_grad():
         model(*args, **kwargs)
 
 
@@ -279,7 +273,7 @@ def graph(model: nn.Module, example_inputs: Any) -> fx.GraphModule:
     user_keys = set(example_inputs) if isinstance(example_inputs, dict) else set()
     fixed = {k: v for k, v in kwargs.items() if k not in user_keys}   # e.g. use_cache=False
     kwargs = {k: v for k, v in kwargs.items() if k in user_keys}
-    with _no_routing_left(model), _balance_logs_kept(model), torch.no_grad():
+    with _no_trace_left(model), torch.no_grad():
         program = torch.export.export(_Bound(model, fixed), args, kwargs, strict=False)
     gm = program.module()
     text = _summary(_name_mohd_nodes(gm, model, prefix=_Bound.PREFIX))

@@ -167,6 +167,10 @@ class MoHDBranch(nn.Module):
         held = SLOTS.slots.get(id(self))
         return None if held is None else held[2]
 
+    def drop_routing(self) -> None:
+        """Forget this thread's application in flight, if any (a pass that raised before the writer)."""
+        SLOTS.slots.pop(id(self), None)
+
     def take_routing(self) -> tuple[Routing, bool]:
         """The writer's view: (the routing of this application, removed from the slot; whether the
         application runs the masked path, decided once by its first reader)."""

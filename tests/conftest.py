@@ -64,14 +64,13 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _thread_count_restored(request):
+def _thread_count_restored():
     """Examples, benchmarks and the CLI run in-process set torch's thread count; later tests get it back.
     torch.compile guards on the calling thread's count, and a new thread starts at the default, so a
     changed count made every thread of the threading tests recompile (CI: 5 graphs where 1 was built)."""
     before = torch.get_num_threads()
     yield
     if torch.get_num_threads() != before:
-        request.node.user_properties.append(("thread_count_changed", torch.get_num_threads()))
         torch.set_num_threads(before)
 
 
